@@ -275,7 +275,7 @@ class GLIPModel(GLIPPreTrainedModel):
         self.head = GLIPHead(config)
         self.anchor_generator = ATSSAnchorGenerator(config)
         self.box_coder = BoxCoder(tuple(config.box_coder_weights), config.bbox_xform_clip)
-        self.loss_function = GLIPLoss(
+        self.criterion = GLIPLoss(
             self.box_coder,
             topk=config.atss_topk,
             focal_alpha=config.focal_alpha,
@@ -380,7 +380,7 @@ class GLIPModel(GLIPPreTrainedModel):
             if len(targets) != pixel_values.shape[0]:
                 raise ValueError(f"`labels` has {len(targets)} entries for {pixel_values.shape[0]} images.")
             # the original computes its losses in float32 under AMP (custom_fwd(cast_inputs=float32))
-            loss_dict = self.loss_function(
+            loss_dict = self.criterion(
                 logits.float(), box_regression.float(), centerness.float(), anchors, [h * w for h, w in spatial_shapes], attention_mask, targets
             )
             loss = sum(loss_dict.values())
