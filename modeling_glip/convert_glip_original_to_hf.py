@@ -167,7 +167,7 @@ def infer_config_from_state_dict(state_dict: Dict[str, torch.Tensor], text_confi
             max_position_embeddings=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
             type_vocab_size=sd[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
         )
-    num_fusion_layers = _max_index(sd, r"^rpn\.head\.dyhead_tower\.(\d+)\.b_attn\.")
+    num_fusion_layers = _max_index(sd, r"^rpn\.head\.dyhead_tower\.(\d+)\.") // 3  # [VLFuse, BERT layer, DyConv] per layer
     derived = {
         "backbone_config": backbone,
         "text_config": text_config,

@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import DeformConv2d
+from torchvision.ops import DeformConv2d, deform_conv2d
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -41,12 +41,36 @@ class DyReLU(nn.Module):
         return torch.maximum(x * a1 + b1, x * a2 + b2)
 
 
+class ModulatedDeformConv2d(DeformConv2d):
+    """torchvision's modulated deformable convolution, run in float32 for half-precision inputs.
+
+    torchvision's CPU kernel implements neither float16 nor bfloat16, so those inputs are upcast (and the output cast
+    back); float32 / float64 inputs take torchvision's path unchanged.
+    """
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64):
+            return super().forward(x, offset, mask)
+        with torch.autocast(x.device.type, enabled=False):
+            out = deform_conv2d(
+                x.float(),
+                offset.float(),
+                self.weight.float(),
+                None if self.bias is None else self.bias.float(),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                mask=mask.float(),
+            )
+        return out.to(x.dtype)
+
+
 class Conv3x3Norm(nn.Module):
     """3x3 (modulated deformable) convolution followed by GroupNorm."""
 
     def __init__(self, channels: int, stride: int, deformable: bool, num_groups: int, eps: float):
         super().__init__()
-        conv_cls = DeformConv2d if deformable else nn.Conv2d
+        conv_cls = ModulatedDeformConv2d if deformable else nn.Conv2d
         self.conv = conv_cls(channels, channels, kernel_size=3, stride=stride, padding=1)
         self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
 

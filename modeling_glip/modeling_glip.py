@@ -200,6 +200,12 @@ class GLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _no_split_modules = ["GLIPFusionLayer"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Our `_init_weights` writes only through `transformers.initialization`, which skips loaded tensors, so the
+        # parameter-less GLIP parents (DyConv, FPN, BiMultiHeadAttention) must be visited too; transformers' guard for
+        # custom code would mark them initialised without calling `_init_weights`.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """GLIP's initialisation (VLDyHead / DyConv / VLFuse `__init__`s of the original)."""
