@@ -1,0 +1,21 @@
+"""GLIP preprocessing, prompts and post-processing for the Hugging Face ecosystem."""
+
+from .chunking import chunk_names
+from .image_processing_glip import GLIPImageProcessor, get_resize_output_size
+from .post_processing_glip import post_process_grounded
+from .processing_glip import GLIPProcessor
+from .prompts import Prompt, build_caption_prompt, build_detection_prompt, clean_class_names, clean_name, positive_map_from_encoding
+
+__all__ = [
+    "GLIPImageProcessor",
+    "GLIPProcessor",
+    "Prompt",
+    "build_caption_prompt",
+    "build_detection_prompt",
+    "chunk_names",
+    "clean_class_names",
+    "clean_name",
+    "get_resize_output_size",
+    "positive_map_from_encoding",
+    "post_process_grounded",
+]
