@@ -29,6 +29,8 @@ from .loss_glip import GLIPLoss
 from .vl_fusion import BiMultiHeadAttention, VLFuse
 
 CLAMPED_ATTENTION = "glip_clamped_eager"
+# Keys of `GLIPProcessor` outputs that describe the prompt for post-processing / training and are not model inputs.
+PROCESSOR_ONLY_KEYS = {"positive_map", "label_ids", "chunk_to_image", "text_labels"}
 
 
 def clamped_eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -60,8 +62,9 @@ class GLIPObjectDetectionOutput(ModelOutput):
         original's legacy xyxy boxes (not clipped).
     centerness (`torch.FloatTensor` of shape `(B, N)`): centerness logits.
     box_regression (`torch.FloatTensor` of shape `(B, N, 4)`): raw (dx, dy, dw, dh) deltas against `anchors`.
-    anchors (`torch.FloatTensor` of shape `(N, 4)`): xyxy anchors in canvas pixels (shared by the batch).
-    spatial_shapes (`torch.LongTensor` of shape `(5, 2)`): (h, w) of P3..P7.
+    anchors (`torch.FloatTensor` of shape `(B, N, 4)`): xyxy anchors in canvas pixels (the same for every image; an
+        expanded view, batched so that pipelines can split outputs per image).
+    spatial_shapes (`torch.LongTensor` of shape `(B, 5, 2)`): (h, w) of P3..P7 (the same for every image).
     image_sizes (`torch.LongTensor` of shape `(B, 2)`): unpadded (h, w) of each image (from `pixel_mask`).
     input_ids, attention_mask (`torch.LongTensor` of shape `(B, T)`): the prompt, for post-processing.
     text_hidden_state (`torch.FloatTensor` of shape `(B, T, D)`): the fused text features after the last layer.
@@ -340,7 +343,7 @@ class GLIPModel(GLIPPreTrainedModel):
         labels: Optional[List[Dict[str, torch.Tensor]]] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        **kwargs,
+        **processor_outputs,
     ):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalised BGR x255 images on a zero-padded
@@ -355,7 +358,12 @@ class GLIPModel(GLIPPreTrainedModel):
         labels (`list[dict]`, *optional*): per image `boxes` (M, 4) normalised (cx, cy, w, h) relative to the unpadded
             image and `positive_map` (M, T) 0/1 (the tokens of each box's phrase). Returns `loss` and `loss_dict`.
         output_hidden_states (`bool`, *optional*): also return backbone, vision and text hidden states.
+        processor_outputs: the `GLIPProcessor` keys that are not model inputs (`positive_map`, `label_ids`,
+            `chunk_to_image`, `text_labels`) are accepted so that `model(**inputs)` works; anything else is an error.
         """
+        unknown = set(processor_outputs) - PROCESSOR_ONLY_KEYS
+        if unknown:
+            raise TypeError(f"GLIPModel.forward got unexpected arguments {sorted(unknown)}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask)
@@ -363,6 +371,7 @@ class GLIPModel(GLIPPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         pixel_values = pixel_values.to(self.dtype)
         image_sizes = self.image_sizes_from_mask(pixel_values, pixel_mask)
+        batch_size = pixel_values.shape[0]
 
         backbone_maps = self.backbone(pixel_values).feature_maps[-3:]  # C3, C4, C5 (strides 8, 16, 32)
         pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
@@ -398,8 +407,8 @@ class GLIPModel(GLIPPreTrainedModel):
             pred_boxes=pred_boxes,
             centerness=centerness,
             box_regression=box_regression,
-            anchors=anchors,
-            spatial_shapes=torch.tensor([list(s) for s in spatial_shapes], device=logits.device),
+            anchors=anchors.expand(batch_size, -1, -1),
+            spatial_shapes=torch.tensor([list(s) for s in spatial_shapes], device=logits.device).expand(batch_size, -1, -1),
             image_sizes=image_sizes,
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -42,12 +42,13 @@ def test_output_shapes(model):
     inputs = make_inputs(batch=2)
     with torch.no_grad():
         out = model(**inputs)
-    shapes = out.spatial_shapes.tolist()
+    shapes = out.spatial_shapes[0].tolist()
+    assert out.spatial_shapes.shape == (2, 5, 2) and torch.equal(out.anchors[0], out.anchors[1])
     assert shapes == [[12, 16], [6, 8], [3, 4], [2, 2], [1, 1]]
     num_anchors = sum(h * w for h, w in shapes)
     assert out.logits.shape == (2, num_anchors, 7)
     assert out.pred_boxes.shape == (2, num_anchors, 4) and out.box_regression.shape == (2, num_anchors, 4)
-    assert out.centerness.shape == (2, num_anchors) and out.anchors.shape == (num_anchors, 4)
+    assert out.centerness.shape == (2, num_anchors) and out.anchors.shape == (2, num_anchors, 4)
     assert out.image_sizes.tolist() == [[96, 128], [96, 128]]
     assert out.loss is None and out.vision_hidden_states is None
     with torch.no_grad():
@@ -198,6 +199,14 @@ def test_bad_input_is_a_clear_value_error(model, change, message):
     change(inputs)
     with pytest.raises(ValueError, match=message):
         model(**inputs)
+
+
+def test_processor_metadata_keys_are_accepted_and_typos_are_not(model):
+    inputs = make_inputs()
+    with torch.no_grad():
+        model(**inputs, positive_map=torch.zeros(1, 2, 7), label_ids=torch.zeros(1, 2), chunk_to_image=torch.zeros(1), text_labels=[["a", "b"]])
+    with pytest.raises(TypeError, match="output_hiden_states"):
+        model(**inputs, output_hiden_states=True)
 
 
 def test_labels_must_match_the_batch(model):

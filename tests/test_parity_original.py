@@ -109,8 +109,8 @@ def test_head_outputs_and_anchors(outputs, fixture_tensors):
     assert_close("head.dot_product_logits", outputs.logits, expected_logits)
     assert_close("head.bbox_reg", outputs.box_regression, expected_deltas)
     assert_close("head.centerness", outputs.centerness, expected_centerness)
-    assert_close("anchors", outputs.anchors, torch.cat([fixture_tensors[f"anchors.{level}"] for level in LEVELS]), atol=0)
-    assert outputs.spatial_shapes.tolist() == [list(fixture_tensors[f"head.centerness.{level}"].shape[-2:]) for level in LEVELS]
+    assert_close("anchors", outputs.anchors[0], torch.cat([fixture_tensors[f"anchors.{level}"] for level in LEVELS]), atol=0)
+    assert outputs.spatial_shapes[0].tolist() == [list(fixture_tensors[f"head.centerness.{level}"].shape[-2:]) for level in LEVELS]
     assert outputs.image_sizes.tolist() == fixture_tensors["input.image_sizes_hw"].tolist()
 
 
@@ -119,7 +119,7 @@ def test_pred_boxes_are_the_legacy_decoded_boxes(tiny_model, outputs):
 
     h, w = outputs.image_sizes[0].tolist()
     boxes = center_to_corners_format(outputs.pred_boxes[0]) * torch.tensor([w, h, w, h])
-    expected = tiny_model.box_coder.decode(outputs.box_regression[0], outputs.anchors)
+    expected = tiny_model.box_coder.decode(outputs.box_regression[0], outputs.anchors[0])
     assert_close("pred_boxes -> legacy xyxy", boxes, expected, atol=1e-3)  # pixels up to ~1e3: float32 round trip
 
 
