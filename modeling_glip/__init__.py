@@ -17,4 +17,11 @@ AutoModelForZeroShotObjectDetection.register(GLIPConfig, GLIPModel, exist_ok=Tru
 AutoImageProcessor.register(GLIPConfig, image_processor_classes={"torchvision": GLIPImageProcessor}, exist_ok=True)
 AutoProcessor.register(GLIPConfig, GLIPProcessor, exist_ok=True)
 
+# Saved / pushed checkpoints carry `auto_map` and a copy of the code, so that `trust_remote_code=True` loads them
+# where this package is not installed.
+GLIPConfig.register_for_auto_class()
+GLIPModel.register_for_auto_class("AutoModelForZeroShotObjectDetection")
+GLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
+GLIPProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["GLIPConfig", "GLIPModel", "GLIPObjectDetectionOutput", "GLIPPreTrainedModel"]

@@ -203,6 +203,11 @@ class GLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _no_split_modules = ["GLIPFusionLayer"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # remote code: let plain AutoModel resolve the class too
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # Our `_init_weights` writes only through `transformers.initialization`, which skips loaded tensors, so the
         # parameter-less GLIP parents (DyConv, FPN, BiMultiHeadAttention) must be visited too; transformers' guard for

@@ -2,6 +2,7 @@
 
 from .chunking import chunk_names
 from .image_processing_glip import GLIPImageProcessor, get_resize_output_size
+from .pipeline_glip import GLIPZeroShotObjectDetectionPipeline
 from .post_processing_glip import post_process_grounded
 from .processing_glip import GLIPProcessor
 from .prompts import Prompt, build_caption_prompt, build_detection_prompt, clean_class_names, clean_name, positive_map_from_encoding
@@ -9,6 +10,7 @@ from .prompts import Prompt, build_caption_prompt, build_detection_prompt, clean
 __all__ = [
     "GLIPImageProcessor",
     "GLIPProcessor",
+    "GLIPZeroShotObjectDetectionPipeline",
     "Prompt",
     "build_caption_prompt",
     "build_detection_prompt",

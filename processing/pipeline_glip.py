@@ -1,0 +1,130 @@
+"""One-pass zero-shot detection pipeline: all labels of an image in ONE forward (one row per prompt chunk).
+
+transformers' stock `ZeroShotObjectDetectionPipeline` runs one forward per label with the label alone as prompt. GLIP
+was trained with all class names in one prompt ("cat. remote control. couch"), and its scores depend on the whole
+prompt (the fusion layers mix every word into every region), so the two pipelines give different scores; this one
+reproduces the original's detection evaluation (glip_architecture.md section 9) and is len(labels) times cheaper.
+
+Use it with `pipeline("zero-shot-object-detection", model=..., pipeline_class=GLIPZeroShotObjectDetectionPipeline)`.
+"""
+
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+from transformers.image_utils import load_image
+from transformers.pipelines import ZeroShotObjectDetectionPipeline
+
+from .image_processing_glip import get_resize_output_size
+from .processing_glip import GLIPProcessor
+
+
+class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
+    """Zero-shot detection with GLIP's own prompt: class names joined into one prompt, one forward per image.
+
+    Long label lists are split into prompt chunks that run as one batch. With `batch_size > 1`, images are batched
+    only with images that pad to the same canvas: in GLIP the padded canvas changes the outputs (padded pixels enter
+    GroupNorm, pooling and fusion statistics), so an image's detections never depend on its batch mates.
+
+    Call arguments: `candidate_labels` (list of names, a comma-separated string, or per-image lists), `threshold`
+    (candidate threshold on the label probability, GLIP's INFERENCE_TH; default: the model config's, 0.05), `top_k`,
+    `nms_threshold`, `max_detections`, `batch_size` (images per forward), `timeout`.
+    Returns, per image, `[{"score", "label", "box": {"xmin", "ymin", "xmax", "ymax"}}]` sorted by score.
+    """
+
+    def __init__(self, processor: Optional[GLIPProcessor] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.glip_processor = processor or GLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
+
+    def __call__(self, image, candidate_labels=None, **kwargs):
+        if "text_queries" in kwargs:
+            candidate_labels = kwargs.pop("text_queries")
+        single = not isinstance(image, (list, tuple))
+        entries = [image] if single else list(image)
+        requests = [entry if isinstance(entry, dict) else {"image": entry, "candidate_labels": candidate_labels} for entry in entries]
+        if not single and candidate_labels is not None and _is_per_image_lists(candidate_labels):
+            if len(candidate_labels) != len(entries):
+                raise ValueError(f"Got {len(entries)} images but {len(candidate_labels)} candidate label lists.")
+            requests = [{"image": entry, "candidate_labels": labels} for entry, labels in zip(entries, candidate_labels)]
+        batch_size = kwargs.pop("batch_size", self._batch_size) or 1
+        timeout = kwargs.pop("timeout", None)
+
+        loaded = [self._load_request(request, timeout) for request in requests]
+        results: List[Optional[List[Dict[str, Any]]]] = [None] * len(loaded)
+        for group in self._canvas_groups(loaded, batch_size):
+            group_results = super().__call__({"requests": [loaded[i] for i in group]}, **kwargs)
+            for index, result in zip(group, group_results):
+                results[index] = result
+        return results[0] if single else results
+
+    def _sanitize_parameters(self, **kwargs):
+        postprocess_params = {key: kwargs[key] for key in ("threshold", "top_k", "nms_threshold", "max_detections") if key in kwargs}
+        return {}, {}, postprocess_params
+
+    @staticmethod
+    def _load_request(request: Dict[str, Any], timeout) -> Dict[str, Any]:
+        if "image" not in request:
+            raise ValueError(f"Each input needs an 'image'; got keys {sorted(request)}")
+        labels = request.get("candidate_labels")
+        if isinstance(labels, str):
+            labels = [label.strip() for label in labels.split(",")]
+        if not labels:
+            raise ValueError("candidate_labels is empty: give at least one class name")
+        try:
+            image = load_image(request["image"], timeout=timeout)
+        except Exception as error:
+            raise ValueError(f"Cannot read image {request['image']!r}: {error}") from error
+        return {"image": image, "candidate_labels": list(labels)}
+
+    def _canvas(self, image) -> tuple:
+        """The padded canvas (h, w) the image processor will put this image on."""
+        processor = self.image_processor
+        height, width = get_resize_output_size(image.height, image.width, processor.min_size, processor.max_size)
+        divisor = processor.size_divisibility
+        return (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+
+    def _canvas_groups(self, loaded: List[Dict[str, Any]], batch_size: int) -> List[List[int]]:
+        """Indices of images batched together: same canvas, at most `batch_size` images, input order kept inside."""
+        by_canvas: "OrderedDict[tuple, List[int]]" = OrderedDict()
+        for index, request in enumerate(loaded):
+            by_canvas.setdefault(self._canvas(request["image"]), []).append(index)
+        return [indices[i : i + batch_size] for indices in by_canvas.values() for i in range(0, len(indices), batch_size)]
+
+    def preprocess(self, inputs, timeout=None):
+        requests = inputs["requests"]
+        images = [request["image"] for request in requests]
+        encoded = self.glip_processor(images=images, text=[request["candidate_labels"] for request in requests], return_tensors="pt")
+        encoded["pixel_values"] = encoded["pixel_values"].to(self.dtype)
+        yield {"encoded": encoded, "target_sizes": [(image.height, image.width) for image in images], "is_last": True}
+
+    def _forward(self, model_inputs):
+        encoded = model_inputs["encoded"]
+        model_keys = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
+        outputs = self.model(**{key: encoded[key] for key in model_keys if key in encoded})
+        return {"outputs": outputs, **model_inputs}
+
+    def postprocess(self, model_outputs, threshold=None, top_k=None, nms_threshold=None, max_detections=None):
+        config = self.model.config
+        (model_output,) = model_outputs
+        detections = self.glip_processor.post_process_grounded_object_detection(
+            model_output["outputs"],
+            model_output["encoded"],
+            threshold=config.inference_threshold if threshold is None else threshold,
+            target_sizes=model_output["target_sizes"],
+            nms_threshold=config.nms_threshold if nms_threshold is None else nms_threshold,
+            pre_nms_top_n=config.pre_nms_top_n,
+            max_detections=config.detections_per_image if max_detections is None else max_detections,
+            score_aggregation=config.score_aggregation,
+        )
+        results = []
+        for image_detections in detections:
+            found = [
+                {"score": score.item(), "label": label, "box": self._get_bounding_box(box)}
+                for score, label, box in zip(image_detections["scores"], image_detections["text_labels"], image_detections["boxes"])
+            ]
+            found.sort(key=lambda item: item["score"], reverse=True)
+            results.append(found[:top_k] if top_k else found)
+        return results
+
+
+def _is_per_image_lists(candidate_labels) -> bool:
+    return isinstance(candidate_labels, (list, tuple)) and all(isinstance(labels, (list, tuple)) for labels in candidate_labels)
