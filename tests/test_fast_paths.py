@@ -1,0 +1,103 @@
+"""Every fast path of the model against a literal transcription of the original computation (small sizes, fp32).
+
+The whole model is also checked against the original's own fixture in test_parity_original.py; these tests cover
+the corner cases the fixture does not reach (active clamps, padded tokens, out-of-bounds deformable taps, batches).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from modeling_glip.vl_fusion import TEXT_MASK_FILL, BiMultiHeadAttention
+
+ATOL = 1e-4
+
+
+def reference_bi_attention(attn: BiMultiHeadAttention, vision, text, text_attention_mask):
+    """The original's per-head BiMultiHeadAttention (glip_architecture.md 5.2), dropout off."""
+    heads, head_dim = attn.num_heads, attn.head_dim
+
+    def split(x):  # (B, L, E) -> (B, heads, L, head_dim)
+        return x.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+    def merge(x):  # (B, heads, L, head_dim) -> (B, L, E)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * head_dim)
+
+    query = split(attn.v_proj(vision) * attn.scale)
+    key, value_vision, value_text = split(attn.l_proj(text)), split(attn.values_v_proj(vision)), split(attn.values_l_proj(text))
+    scores = (query @ key.transpose(-1, -2)).clamp(-attn.clamp_value, attn.clamp_value)
+    scores_text = scores.transpose(-1, -2)
+    scores_text = (scores_text - scores_text.amax(dim=-1, keepdim=True)).clamp(-attn.clamp_value, attn.clamp_value)
+    mask = text_attention_mask.to(scores.dtype).masked_fill(text_attention_mask == 0, TEXT_MASK_FILL)  # +1 / -9e15
+    probs_vision = (scores + mask[:, None, None, :]).softmax(dim=-1)
+    probs_text = scores_text.softmax(dim=-1)
+    return attn.out_v_proj(merge(probs_vision @ value_text)), attn.out_l_proj(merge(probs_text @ value_vision))
+
+
+def make_attention(clamp_value=50000.0, weight_std=0.05, seed=0):
+    torch.manual_seed(seed)
+    attn = BiMultiHeadAttention(64, 48, 256, 8, dropout=0.1, clamp_value=clamp_value).eval()
+    for parameter in attn.parameters():
+        nn.init.normal_(parameter, std=weight_std)
+    return attn
+
+
+def attention_inputs(batch=2, positions=300, tokens=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    vision = torch.randn(batch, positions, 64, generator=generator)
+    text = torch.randn(batch, tokens, 48, generator=generator)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[1, 6:] = 0  # the second prompt is padded
+    return vision, text, mask
+
+
+def max_diff(actual, expected):
+    return max((a - e).abs().max().item() for a, e in zip(actual, expected))
+
+
+def test_bi_attention_matches_the_original_form():
+    attn = make_attention()
+    inputs = attention_inputs()
+    with torch.no_grad():
+        assert max_diff(attn(*inputs), reference_bi_attention(attn, *inputs)) < ATOL
+
+
+def test_bi_attention_with_active_clamps():
+    """Scores beyond +-clamp (both clamps of the original bite) are handled exactly like the original."""
+    attn = make_attention(clamp_value=1000.0, weight_std=4.0)
+    inputs = attention_inputs()
+    with torch.no_grad():
+        query = (attn.v_proj(inputs[0]) * attn.scale).view(2, 300, 1, 8, 32)
+        key = attn.l_proj(inputs[1]).view(2, 1, 9, 8, 32)
+        assert (query * key).sum(-1).abs().max() > 3000  # beyond both clamps of the text->image side
+        expected = reference_bi_attention(attn, *inputs)
+        assert max_diff(attn(*inputs), expected) <= ATOL * max(1.0, max(e.abs().max().item() for e in expected))
+
+
+def test_bi_attention_gradients_match():
+    attn = make_attention()
+    attn.dropout = 0.0
+    attn.train()
+    inputs = attention_inputs(positions=120)
+    vision = inputs[0].clone().requires_grad_(True)
+    grads = []
+    for function in (attn, lambda *args: reference_bi_attention(attn, *args)):
+        attn.zero_grad()
+        vision.grad = None
+        delta_vision, delta_text = function(vision, *inputs[1:])
+        (delta_vision.square().sum() + delta_text.square().sum()).backward()
+        grads.append([vision.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
+    assert max_diff(*grads) < ATOL
+
+
+def test_bi_attention_rejects_a_clamp_too_small_for_its_softmax():
+    with pytest.raises(ValueError, match="clamp_value"):
+        BiMultiHeadAttention(64, 48, 256, 8, dropout=0.1, clamp_value=10.0)
+
+
+def test_bi_attention_bfloat16_stays_finite_with_huge_scores():
+    attn = make_attention(clamp_value=50000.0, weight_std=3.0).to(torch.bfloat16)
+    vision, text, mask = attention_inputs()
+    with torch.no_grad():
+        delta_vision, delta_text = attn(vision.bfloat16() * 100, text.bfloat16() * 100, mask)
+    assert torch.isfinite(delta_vision).all() and torch.isfinite(delta_text).all()
