@@ -26,6 +26,7 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
     ],
+    entry_points={"console_scripts": ["glip-detect=modeling_glip.cli:main"]},
     extras_require={
         "dev": [
             "pytest>=7",

