@@ -3,7 +3,8 @@
 import math
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, BertConfig, PreTrainedConfig, SwinConfig
+import torch
+from transformers import AutoConfig, BertConfig, PreTrainedConfig, SwinConfig, TimmBackboneConfig
 from transformers.configuration_utils import SubConfigSpec
 
 # GLIP consumes Swin stages 3..5 (strides 8, 16, 32); transformers names them stage2..stage4 (swin_backbone.md).
@@ -47,6 +48,9 @@ class GLIPConfig(PreTrainedConfig):
             score_aggregation ("mean"): ATSS post-processing defaults (section 7), read by the processor.
         min_size_test (800), max_size_test (1333), size_divisibility (32): the original test transform.
         initializer_range (`float`, 0.02): std of the normal init of the head's language layers.
+        text_prompt_length (`int`, defaults to 0): prompt tuning (the original's `language_prompt_v2`,
+            FUSE_CONFIG.ADD_LINEAR_LAYER): a zero-initialised, learnable (text_prompt_length, D) offset added to the
+            text encoder output at each token position (the original uses 1000 rows); 0 = none.
     """
 
     model_type = "glip"
@@ -99,6 +103,7 @@ class GLIPConfig(PreTrainedConfig):
     max_size_test: int = 1333
     size_divisibility: int = 32
     initializer_range: float = 0.02
+    text_prompt_length: int = 0
 
     def __post_init__(self, **kwargs):
         if self.backbone_config is None:
@@ -117,6 +122,8 @@ class GLIPConfig(PreTrainedConfig):
             raise ValueError(f"fusion_embed_dim {self.fusion_embed_dim} is not divisible by fusion_num_heads {self.fusion_num_heads}")
         if self.hidden_size % self.group_norm_num_groups:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by group_norm_num_groups {self.group_norm_num_groups}")
+        if self.text_prompt_length < 0:
+            raise ValueError(f"text_prompt_length must be >= 0, got {self.text_prompt_length}")
         if self.score_aggregation not in ("mean", "max"):
             raise ValueError(f"score_aggregation must be 'mean' or 'max', got {self.score_aggregation!r}")
 
@@ -167,4 +174,22 @@ def swin_backbone_config(
     )
 
 
-__all__ = ["GLIPConfig", "swin_backbone_config"]
+def timm_backbone_config(name: str, **kwargs) -> TimmBackboneConfig:
+    """transformers `TimmBackboneConfig` of any timm model whose `features_only` levels of strides 8, 16 and 32 become
+    GLIP's C3-C5 (the FPN builds P3-P5 from them, P6-P7 on top); random init (`pretrained` weights need the Hub).
+
+    Raises:
+        ValueError: the model has no feature levels at strides 8, 16 and 32.
+    """
+    import timm
+
+    with torch.device("meta"):
+        reductions = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
+    try:
+        out_indices = [reductions.index(stride) for stride in (8, 16, 32)]
+    except ValueError:
+        raise ValueError(f"timm model {name!r} has feature strides {reductions}; GLIP needs levels at strides 8, 16 and 32") from None
+    return TimmBackboneConfig(backbone=name, out_indices=out_indices, **kwargs)
+
+
+__all__ = ["GLIPConfig", "swin_backbone_config", "timm_backbone_config"]

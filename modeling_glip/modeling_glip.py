@@ -254,6 +254,8 @@ class GLIPPreTrainedModel(PreTrainedModel):
                 if isinstance(conv, nn.Conv2d):  # conv_with_kaiming_uniform (section 4)
                     init.kaiming_uniform_(conv.weight, a=1)
                     init.zeros_(conv.bias)
+        elif isinstance(module, GLIPModel) and module.text_prompt is not None:
+            init.zeros_(module.text_prompt)
         elif isinstance(module, ATSSAnchorGenerator):
             for level, cells in enumerate(cell_anchors_per_level(self.config)):
                 init.copy_(getattr(module, f"cell_anchors_{level}"), cells)
@@ -286,6 +288,8 @@ class GLIPModel(GLIPPreTrainedModel):
             config.fpn_drop_block_size,
         )
         self.text_model = BertModel(config.text_config, add_pooling_layer=False)
+        # prompt tuning (ADD_LINEAR_LAYER, the original's `tunable_linear.weight`): per-position offsets of the text
+        self.text_prompt = nn.Parameter(torch.zeros(config.text_prompt_length, config.text_config.hidden_size)) if config.text_prompt_length else None
         self.head = GLIPHead(config)
         self.anchor_generator = ATSSAnchorGenerator(config)
         self.box_coder = BoxCoder(tuple(config.box_coder_weights), config.bbox_xform_clip)
@@ -316,6 +320,8 @@ class GLIPModel(GLIPPreTrainedModel):
                 "Give one prompt per image (repeat the prompt, or the image for chunked vocabularies)."
             )
         max_positions = self.config.text_config.max_position_embeddings
+        if self.config.text_prompt_length:
+            max_positions = min(max_positions, self.config.text_prompt_length)
         if input_ids.shape[1] > max_positions:
             raise ValueError(
                 f"The prompt has {input_ids.shape[1]} tokens but the text encoder has {max_positions} positions; "
@@ -382,6 +388,8 @@ class GLIPModel(GLIPPreTrainedModel):
         pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
         # `hidden` of GLIP's language backbone: the last BERT layer, padded tokens NOT zeroed (section 3)
         text = self.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        if self.text_prompt is not None:
+            text = text + self.text_prompt[: text.shape[1]]  # added before the fusion tower, as the original's VLDyHead
 
         logits, box_regression, centerness, text, vision_states, text_states = self.head(pyramid, text, attention_mask, output_hidden_states)
 
