@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import DeformConv2d, deform_conv2d
+from torchvision.ops import DeformConv2d
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -41,26 +41,92 @@ class DyReLU(nn.Module):
         return torch.maximum(x * a1 + b1, x * a2 + b2)
 
 
-class ModulatedDeformConv2d(DeformConv2d):
-    """torchvision's modulated deformable convolution, run in float32 for half-precision inputs.
+def _bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, size, kernel_size, stride, padding, dilation):
+    """Where every tap of a modulated deformable convolution samples, as 4 weighted pixels of the input map.
 
-    torchvision's CPU kernel implements neither float16 nor bfloat16, so those inputs are upcast (and the output cast
-    back); float32 / float64 inputs take torchvision's path unchanged.
+    offset (B, 2K, Ho, Wo) holds (dy, dx) of tap k = i * kw + j at channels 2k, 2k + 1 (torchvision / GLIP layout),
+    mask (B, K, Ho, Wo). Returns pixel indices into the flattened (H * W) input and their weights, both
+    (B, Ho * Wo * K, 4), rows ordered (output position, tap). A corner outside the map gets weight 0 (and a valid
+    dummy index), exactly torchvision's `bilinear_interpolate`: its early "return 0" for y <= -1, y >= H, ... is
+    the case where all four corners are outside or carry weight 0.
+    """
+    batch, _, out_h, out_w = offset.shape
+    height, width = size
+    (kernel_h, kernel_w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = kernel_size, stride, padding, dilation
+    taps = kernel_h * kernel_w
+    dtype, device = offset.dtype, offset.device
+    tap_y = (torch.arange(kernel_h, device=device) * dil_h).repeat_interleave(kernel_w).to(dtype)  # (K,)
+    tap_x = (torch.arange(kernel_w, device=device) * dil_w).repeat(kernel_h).to(dtype)
+    out_y = (torch.arange(out_h, device=device) * stride_h - pad_h).to(dtype)
+    out_x = (torch.arange(out_w, device=device) * stride_w - pad_w).to(dtype)
+    offset = offset.unflatten(1, (taps, 2))
+    y = (out_y[None, :, None] + tap_y[:, None, None]) + offset[:, :, 0]  # (B, K, Ho, Wo), summed as torchvision does
+    x = (out_x[None, None, :] + tap_x[:, None, None]) + offset[:, :, 1]
+    y_low, x_low = y.floor(), x.floor()
+    frac_y, frac_x = y - y_low, x - x_low
+    y_low, x_low = y_low.long(), x_low.long()
+
+    indices, weights = [], []
+    for corner_y, weight_y in ((y_low, 1 - frac_y), (y_low + 1, frac_y)):
+        for corner_x, weight_x in ((x_low, 1 - frac_x), (x_low + 1, frac_x)):
+            inside = (corner_y >= 0) & (corner_y < height) & (corner_x >= 0) & (corner_x < width)
+            weights.append(weight_y * weight_x * mask * inside)
+            indices.append(corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1))
+    # (B, K, Ho, Wo, 4) -> (B, Ho, Wo, K, 4): the rows of one output position are its K taps
+    indices = torch.stack(indices, dim=-1).permute(0, 2, 3, 1, 4).reshape(batch, out_h * out_w * taps, 4)
+    weights = torch.stack(weights, dim=-1).permute(0, 2, 3, 1, 4).reshape(batch, out_h * out_w * taps, 4)
+    return indices, weights
+
+
+def modulated_deform_conv2d(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation
+) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2) with one offset group: `torchvision.ops.deform_conv2d`'s function.
+
+    x (B, C, H, W), offset (B, 2K, Ho, Wo), mask (B, K, Ho, Wo), weight (O, C, kh, kw), bias (O,) or None
+    -> (B, O, Ho, Wo), channels-last in memory. Each tap's masked bilinear sample is a weighted sum of 4 rows of
+    the channels-last input (H * W, C); one `embedding_bag` builds the (Ho * Wo, K * C) columns of an image and one
+    matrix product with the (K * C, O) weights finishes it (torchvision's CPU kernel samples channel by channel).
+    """
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = offset.shape[-2:]
+    taps = kernel_h * kernel_w
+    if offset.shape[1] != 2 * taps or mask.shape[1] != taps or weight.shape[1] != channels:
+        raise ValueError(
+            f"one offset / weight group supported: offset {tuple(offset.shape)}, mask {tuple(mask.shape)}, "
+            f"weight {tuple(weight.shape)} for input {tuple(x.shape)}"
+        )
+    indices, tap_weights = _bilinear_taps(offset, mask, (height, width), (kernel_h, kernel_w), stride, padding, dilation)
+    pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view for channels-last input
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)  # columns ordered (tap, channel)
+    outputs = []
+    for image in range(batch):
+        columns = F.embedding_bag(indices[image], pixels[image], per_sample_weights=tap_weights[image], mode="sum")
+        columns = columns.view(out_h * out_w, taps * channels)
+        outputs.append(columns @ kernel.T if bias is None else torch.addmm(bias, columns, kernel.T))
+    return torch.stack(outputs).view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+
+
+class ModulatedDeformConv2d(DeformConv2d):
+    """Modulated deformable 3x3 convolution with torchvision's parameters and semantics (`modulated_deform_conv2d`).
+
+    Half-precision inputs are computed in float32 and the output is cast back (the reference, torchvision's CPU
+    kernel, has no half-precision version).
     """
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.float64):
-            return super().forward(x, offset, mask)
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            out = deform_conv2d(
-                x.float(),
-                offset.float(),
-                self.weight.float(),
-                None if self.bias is None else self.bias.float(),
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                mask=mask.float(),
+            out = modulated_deform_conv2d(
+                x.to(compute_dtype),
+                offset.to(compute_dtype),
+                mask.to(compute_dtype),
+                self.weight.to(compute_dtype),
+                None if self.bias is None else self.bias.to(compute_dtype),
+                self.stride,
+                self.padding,
+                self.dilation,
             )
         return out.to(x.dtype)
 

@@ -7,7 +7,10 @@ the corner cases the fixture does not reach (active clamps, padded tokens, out-o
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import deform_conv2d
 
+from modeling_glip.configuration_glip import GLIPConfig
+from modeling_glip.dyconv import DyConv, ModulatedDeformConv2d, modulated_deform_conv2d
 from modeling_glip.vl_fusion import TEXT_MASK_FILL, BiMultiHeadAttention
 
 ATOL = 1e-4
@@ -101,3 +104,68 @@ def test_bi_attention_bfloat16_stays_finite_with_huge_scores():
     with torch.no_grad():
         delta_vision, delta_text = attn(vision.bfloat16() * 100, text.bfloat16() * 100, mask)
     assert torch.isfinite(delta_vision).all() and torch.isfinite(delta_text).all()
+
+
+def deform_inputs(stride, batch=2, channels=16, size=(11, 14), offset_scale=4.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *size, generator=generator)
+    out_size = [(s + 2 - 3) // stride + 1 for s in size]
+    offset = torch.randn(batch, 18, *out_size, generator=generator) * offset_scale  # many taps fall outside the map
+    offset[0, :, 0, 0] = torch.tensor([-1.0, 0.0, 0.0, -1.0, -2.0, -1.5, 11.0, 0.0, 0.0, 14.0, 10.5, 13.5] + [0.5] * 6)  # exact borders
+    mask = torch.rand(batch, 9, *out_size, generator=generator)
+    weight = torch.randn(8, channels, 3, 3, generator=generator) * 0.1
+    bias = torch.randn(8, generator=generator)
+    return x, offset, mask, weight, bias
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deformable_conv_matches_torchvision(stride, channels_last):
+    x, offset, mask, weight, bias = deform_inputs(stride)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    actual = modulated_deform_conv2d(x, offset, mask, weight, bias, (stride, stride), (1, 1), (1, 1))
+    assert (actual - expected).abs().max() < ATOL
+
+
+def test_deformable_conv_gradients_match_torchvision():
+    tensors = [t.double().requires_grad_(True) for t in deform_inputs(1, offset_scale=1.5)]
+    x, offset, mask, weight, bias = tensors
+    grads = []
+    for result in (
+        deform_conv2d(x, offset, weight, bias, padding=1, mask=mask),
+        modulated_deform_conv2d(x, offset, mask, weight, bias, (1, 1), (1, 1), (1, 1)),
+    ):
+        grads.append(torch.autograd.grad(result.square().sum(), tensors))
+    assert max_diff(*grads) < 1e-8
+
+
+def test_dyconv_matches_torchvision_with_the_mis_sized_offsets():
+    """DyConv with its deformable convs run by torchvision (the reference) vs our kernel, mis-sized offsets included."""
+    config = GLIPConfig(hidden_size=32, group_norm_num_groups=4)
+    torch.manual_seed(0)
+    dyconv = DyConv(config).eval()
+    nn.init.normal_(dyconv.offset.weight, std=0.3)  # non-trivial offsets (they start at zero)
+    features = [torch.randn(2, 32, h, w) for h, w in ((20, 28), (10, 14), (5, 7), (3, 4), (2, 2))]
+    with torch.no_grad():
+        actual = dyconv(features)
+        for conv in dyconv.convs:
+            conv.conv.forward = lambda x, offset, mask, conv=conv.conv: deform_conv2d(
+                x, offset, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, mask=mask
+            )
+        expected = dyconv(features)
+    assert max_diff(actual, expected) < ATOL
+
+
+def test_deformable_conv_in_bfloat16_runs_in_float32():
+    x, offset, mask, weight, bias = deform_inputs(1)
+    conv = ModulatedDeformConv2d(16, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        expected = conv(x, offset, mask)
+        conv.to(torch.bfloat16)
+        actual = conv(x.bfloat16(), offset.bfloat16(), mask.bfloat16())
+    assert actual.dtype == torch.bfloat16 and torch.isfinite(actual).all()
+    assert (actual.float() - expected).abs().max() < 0.1
