@@ -468,10 +468,14 @@ def main(argv: Optional[Sequence[str]] = None):
     accelerator.end_training()
 
 
-if __name__ == "__main__":
-    main()
-    # gloo ranks may abort at interpreter exit after finishing correctly (environment.md): leave without teardown
+def exit_without_teardown():
+    """gloo ranks may abort at interpreter exit after finishing correctly (environment.md): flush and leave."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
+    exit_without_teardown()
