@@ -155,12 +155,17 @@ class ScaleAwareAttention(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, 1, kernel_size=1)
 
-    def forward(self, terms: torch.Tensor) -> torch.Tensor:
-        """terms (K, B, C, H, W) -> weighted mean over K, (B, C, H, W)."""
-        k, b = terms.shape[:2]
-        flat = terms.flatten(0, 1)
-        weights = F.hardsigmoid(F.relu(self.conv(F.adaptive_avg_pool2d(flat, 1))))  # (K*B, 1, 1, 1)
-        return (terms * weights.view(k, b, 1, 1, 1)).mean(dim=0)
+    def forward(self, terms: List[torch.Tensor]) -> torch.Tensor:
+        """terms: K maps (B, C, H, W) -> their mean weighted by the attention of each, (B, C, H, W).
+
+        The original stacks the terms (and first computes a plain mean that it overwrites, section 5.4); the weighted
+        sum is accumulated in place here instead.
+        """
+        fused = None
+        for term in terms:
+            weight = F.hardsigmoid(F.relu(self.conv(F.adaptive_avg_pool2d(term, 1))))  # (B, 1, 1, 1)
+            fused = term * weight if fused is None else fused.addcmul_(term, weight)
+        return fused.div_(len(terms))
 
 
 class DyConv(nn.Module):
@@ -209,8 +214,8 @@ class DyConv(nn.Module):
                 )
                 terms.append(upsampled)
 
-            stacked = torch.stack(terms)  # (K, B, C, H, W), K = 2 or 3
-            fused = self.scale_attention(stacked) if self.scale_attention is not None else stacked.mean(dim=0)
+            # K = 2 or 3 terms
+            fused = self.scale_attention(terms) if self.scale_attention is not None else sum(terms) / len(terms)
             outputs.append(self.activation(fused))
         return outputs
 

@@ -121,11 +121,12 @@ class GLIPFusionLayer(nn.Module):
     def forward(self, vision: List[torch.Tensor], text: torch.Tensor, text_attention_mask: torch.Tensor, extended_mask: torch.Tensor):
         """vision: 5 maps (B, C, H_l, W_l); text (B, T, D) -> (vision after VLFuse, text after VLFuse, text, vision)."""
         shapes = [feature.shape[-2:] for feature in vision]
-        flat = torch.cat([feature.flatten(2) for feature in vision], dim=2).transpose(1, 2)  # (B, N, C)
+        # (B, N, C) tokens, row-major (h, w) per level, P3 first; a view per level for channels-last maps
+        flat = torch.cat([feature.permute(0, 2, 3, 1).flatten(1, 2) for feature in vision], dim=1)
         flat, text = self.vl_fuse(flat, text, text_attention_mask)
-        flat = flat.transpose(1, 2)  # (B, C, N)
         sizes = [h * w for h, w in shapes]
-        fused_vision = [level.reshape(level.shape[0], level.shape[1], h, w) for level, (h, w) in zip(flat.split(sizes, dim=2), shapes)]
+        # back to (B, C, H, W) maps that stay channels-last in memory (what the deformable convs read)
+        fused_vision = [level.unflatten(1, tuple(shape)).permute(0, 3, 1, 2) for level, shape in zip(flat.split(sizes, dim=1), shapes)]
         fused_text = text
         text = self.text_layer(text, extended_mask)
         vision = self.dyconv(fused_vision)
@@ -179,7 +180,7 @@ class GLIPHead(nn.Module):
             deltas = self.bbox_pred(feature) * self.scales[level]  # (B, 4A, H, W)
             box_regression.append(deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4))
             centerness.append(self.centerness(feature).permute(0, 2, 3, 1).reshape(batch, -1))
-            queries = feature.flatten(2).transpose(1, 2)  # (B, HW, C), not normalised (quirk 11.7)
+            queries = feature.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, C), not normalised (quirk 11.7)
             level_logits = torch.matmul(queries, proj_tokens.transpose(-1, -2)) / self.log_scale.exp() + token_bias[:, None, :]
             logits.append(level_logits.clamp(-self.clamp_value, self.clamp_value))  # quirk 11.6
         return (
@@ -305,20 +306,31 @@ class GLIPModel(GLIPPreTrainedModel):
         )
         self.post_init()
 
-    def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask):
+    def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, text_encoder_hidden_state=None):
         if pixel_values is None or input_ids is None:
             raise ValueError("GLIPModel needs both `pixel_values` (B, 3, H, W) and `input_ids` (B, T).")
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"`pixel_values` must have shape (batch, 3, height, width); got {tuple(pixel_values.shape)}.")
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, tokens); got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] == 0:
-            raise ValueError("The prompt is empty: `input_ids` has no tokens.")
+        self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
         if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"Batch size mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts. "
                 "Give one prompt per image (repeat the prompt, or the image for chunked vocabularies)."
             )
+        if pixel_mask is not None and pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+            raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
+        expected = (*input_ids.shape, self.config.text_config.hidden_size)
+        if text_encoder_hidden_state is not None and tuple(text_encoder_hidden_state.shape) != expected:
+            raise ValueError(
+                f"`text_encoder_hidden_state` must have shape (batch, tokens, hidden) = {expected} to match `input_ids`; "
+                f"got {tuple(text_encoder_hidden_state.shape)}. Index or expand the rows of `get_text_features` to the batch."
+            )
+
+    def _validate_text_inputs(self, input_ids, attention_mask, token_type_ids):
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, tokens); got {None if input_ids is None else tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("The prompt is empty: `input_ids` has no tokens.")
         max_positions = self.config.text_config.max_position_embeddings
         if self.config.text_prompt_length:
             max_positions = min(max_positions, self.config.text_prompt_length)
@@ -332,8 +344,6 @@ class GLIPModel(GLIPPreTrainedModel):
                 raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
         if attention_mask is not None and not bool((attention_mask.sum(dim=1) > 0).all()):
             raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
-        if pixel_mask is not None and pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
-            raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
 
     @staticmethod
     def image_sizes_from_mask(pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor]) -> torch.LongTensor:
@@ -343,6 +353,41 @@ class GLIPModel(GLIPPreTrainedModel):
             return torch.tensor([[height, width]] * batch, device=pixel_values.device)
         valid = pixel_mask.bool()
         return torch.stack((valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)), dim=1)
+
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        token_type_ids: Optional[torch.LongTensor] = None,
+    ) -> torch.FloatTensor:
+        """The text encoder output that `forward` feeds to the fusion tower: BERT's last hidden state, padded tokens
+        not zeroed (`hidden` of GLIP's language backbone, section 3), shape (B, T, D).
+
+        For a fixed label set (or the chunks of a long one) compute it once and pass it to every `forward` as
+        `text_encoder_hidden_state` (rows indexed / expanded to each batch): BERT then runs once per chunk for a
+        whole image set instead of once per image.
+        """
+        self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    def _pyramid(self, pixel_values: torch.FloatTensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Backbone maps (C3, C4, C5) and FPN maps (P3..P7) of every row, each (B, C, H, W).
+
+        At inference a row that repeats the previous row's image (a chunked vocabulary: one row per chunk) reuses its
+        features: the backbone and FPN run once per distinct image, which changes nothing else. (In training every
+        row keeps its own stochastic depth / DropBlock draws.)
+        """
+        batch = pixel_values.shape[0]
+        new_image = [True] + [self.training or not torch.equal(pixel_values[row], pixel_values[row - 1]) for row in range(1, batch)]
+        distinct = [row for row in range(batch) if new_image[row]]
+        images = pixel_values if len(distinct) == batch else pixel_values[distinct]
+        backbone_maps = self.backbone(images).feature_maps[-3:]  # strides 8, 16, 32
+        pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
+        if len(distinct) < batch:
+            source = torch.tensor(new_image, device=pixel_values.device).cumsum(0) - 1  # row -> its distinct image
+            backbone_maps = [feature[source] for feature in backbone_maps]
+            pyramid = [feature[source] for feature in pyramid]
+        return list(backbone_maps), pyramid
 
     def forward(
         self,
@@ -354,6 +399,7 @@ class GLIPModel(GLIPPreTrainedModel):
         labels: Optional[List[Dict[str, torch.Tensor]]] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        text_encoder_hidden_state: Optional[torch.FloatTensor] = None,
         **processor_outputs,
     ):
         r"""
@@ -369,6 +415,8 @@ class GLIPModel(GLIPPreTrainedModel):
         labels (`list[dict]`, *optional*): per image `boxes` (M, 4) normalised (cx, cy, w, h) relative to the unpadded
             image and `positive_map` (M, T) 0/1 (the tokens of each box's phrase). Returns `loss` and `loss_dict`.
         output_hidden_states (`bool`, *optional*): also return backbone, vision and text hidden states.
+        text_encoder_hidden_state (`torch.FloatTensor` of shape `(B, T, D)`, *optional*): `get_text_features` of this
+            batch's prompts, computed once for a fixed vocabulary; the text encoder is then skipped.
         processor_outputs: the `GLIPProcessor` keys that are not model inputs (`positive_map`, `label_ids`,
             `chunk_to_image`, `text_labels`) are accepted so that `model(**inputs)` works; anything else is an error.
         """
@@ -377,17 +425,18 @@ class GLIPModel(GLIPPreTrainedModel):
             raise TypeError(f"GLIPModel.forward got unexpected arguments {sorted(unknown)}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask)
+        self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, text_encoder_hidden_state)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixel_values = pixel_values.to(self.dtype)
         image_sizes = self.image_sizes_from_mask(pixel_values, pixel_mask)
         batch_size = pixel_values.shape[0]
 
-        backbone_maps = self.backbone(pixel_values).feature_maps[-3:]  # C3, C4, C5 (strides 8, 16, 32)
-        pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
-        # `hidden` of GLIP's language backbone: the last BERT layer, padded tokens NOT zeroed (section 3)
-        text = self.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        backbone_maps, pyramid = self._pyramid(pixel_values)
+        if text_encoder_hidden_state is None:
+            text = self.get_text_features(input_ids, attention_mask, token_type_ids)
+        else:
+            text = text_encoder_hidden_state.to(self.dtype)
         if self.text_prompt is not None:
             text = text + self.text_prompt[: text.shape[1]]  # added before the fusion tower, as the original's VLDyHead
 

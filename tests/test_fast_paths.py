@@ -11,7 +11,9 @@ from torchvision.ops import deform_conv2d
 
 from modeling_glip.configuration_glip import GLIPConfig
 from modeling_glip.dyconv import DyConv, ModulatedDeformConv2d, modulated_deform_conv2d
+from modeling_glip.modeling_glip import GLIPModel
 from modeling_glip.vl_fusion import TEXT_MASK_FILL, BiMultiHeadAttention
+from tests.test_modeling_glip import make_inputs, tiny_config
 
 ATOL = 1e-4
 
@@ -169,3 +171,51 @@ def test_deformable_conv_in_bfloat16_runs_in_float32():
         actual = conv(x.bfloat16(), offset.bfloat16(), mask.bfloat16())
     assert actual.dtype == torch.bfloat16 and torch.isfinite(actual).all()
     assert (actual.float() - expected).abs().max() < 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return GLIPModel(tiny_config()).eval()
+
+
+def test_precomputed_text_features_give_the_same_outputs(tiny_model):
+    inputs = make_inputs(batch=2, tokens=6)
+    inputs["attention_mask"][1, 4:] = 0
+    with torch.no_grad():
+        expected = tiny_model(**inputs)
+        text = tiny_model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        actual = tiny_model(**inputs, text_encoder_hidden_state=text)
+    assert text.shape == (2, 6, tiny_model.config.text_config.hidden_size)
+    for name in ("logits", "pred_boxes", "centerness", "text_hidden_state"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
+def test_precomputed_text_features_of_the_wrong_shape_are_a_clear_error(tiny_model):
+    inputs = make_inputs(batch=2, tokens=6)
+    text = tiny_model.get_text_features(inputs["input_ids"])
+    for bad in (text[:1], text[:, :5], text[..., :-1]):
+        with pytest.raises(ValueError, match="text_encoder_hidden_state"):
+            tiny_model(**inputs, text_encoder_hidden_state=bad)
+    with pytest.raises(ValueError, match="input_ids"):
+        tiny_model.get_text_features(inputs["input_ids"][0])
+
+
+def test_repeated_images_share_one_backbone_pass(tiny_model):
+    """Chunked vocabulary: rows 0-2 are one image with three prompts, row 3 another image."""
+    first, second = make_inputs(seed=1), make_inputs(seed=2)
+    pixel_values = torch.cat([first["pixel_values"]] * 3 + [second["pixel_values"]])
+    input_ids = torch.randint(5, 120, (4, 7), generator=torch.Generator().manual_seed(3))
+    calls = []
+    hook = tiny_model.backbone.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            batched = tiny_model(pixel_values, input_ids)
+    finally:
+        hook.remove()
+    assert calls == [2]
+    with torch.no_grad():
+        for row in range(4):
+            alone = tiny_model(pixel_values[row : row + 1], input_ids[row : row + 1])
+            assert (batched.logits[row] - alone.logits[0]).abs().max() < ATOL
+            assert (batched.pred_boxes[row] - alone.pred_boxes[0]).abs().max() < ATOL
