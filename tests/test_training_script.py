@@ -1,0 +1,236 @@
+"""examples/pretrain_glip.py end to end on tiny synthetic data: two CPU processes equal one, kill-and-resume equals an
+uninterrupted run, overfitting 4 images recovers their boxes; plus the fine-tuning modes, gradient checkpointing and
+a timm backbone trained in-process."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertTokenizer
+
+from modeling_glip.configuration_glip import timm_backbone_config
+from modeling_glip.modeling_glip import GLIPModel
+from processing import GLIPImageProcessor, GLIPProcessor
+from processing.train_transforms import GLIPTrainTransform
+from processing.training_data import GLIPTrainingCollator, coco_json_to_records
+from tests.training_fixtures import make_detection_set, tiny_training_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "pretrain_glip.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def load_script(name="pretrain_glip"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, bert_vocab_dir):
+    root = tmp_path_factory.mktemp("train")
+    make_detection_set(root, num_images=8)
+    tiny_training_config(deterministic=True).to_json_file(root / "deterministic.json")
+    tiny_training_config().to_json_file(root / "stochastic.json")
+    return root, bert_vocab_dir
+
+
+def common_args(root, vocab, config, **overrides):
+    args = {
+        "--cpu": None, "--config": str(root / config), "--tokenizer": str(vocab), "--train_files": str(root / "train.json"),
+        "--image_root": str(root), "--max_steps": "6", "--num_workers": "0", "--min_sizes": ["48", "64"], "--max_size": "80",
+        "--warmup_steps": "2", "--logging_steps": "1", "--checkpointing_steps": "3", "--per_device_batch_size": "2",
+    }
+    args.update(overrides)
+    argv = []
+    for flag, value in args.items():
+        argv += [flag] + ([] if value is None else value if isinstance(value, list) else [value])
+    return argv
+
+
+def run(argv, launcher=(sys.executable,), expect_rc=0):
+    result = subprocess.run([*launcher, str(SCRIPT), *argv], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect_rc, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def weights(output_dir: Path, name="model"):
+    return load_file(str(output_dir / name / "model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
+
+
+def metrics(output_dir: Path):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
+    root, vocab = workspace
+    single = root / "single"
+    run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(single), "--min_sizes": ["64"], "--max_size": "64"}))
+    ddp = root / "ddp"
+    launcher = (
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    )
+    # same-size images (64 px, no padding differences) so that a batch of 2 equals two batches of 1
+    run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(ddp), "--per_device_batch_size": "1", "--min_sizes": ["64"], "--max_size": "64"}), launcher)
+    final = [row for row in metrics(ddp) if "final_rank_weight_max_diff" in row]
+    assert final and final[0]["final_rank_weight_max_diff"] == 0.0  # both ranks hold identical weights
+    assert max_difference(weights(single), weights(ddp)) < 1e-5
+    assert max_difference(weights(single, "model_ema"), weights(ddp, "model_ema")) < 1e-5
+    single_losses = [row["loss"] for row in metrics(single) if "loss" in row]
+    ddp_losses = [row["loss"] for row in metrics(ddp) if "loss" in row]
+    assert single_losses == pytest.approx(ddp_losses, rel=1e-4)  # num_pos is averaged over processes (section 8)
+
+
+def test_kill_and_resume_equals_uninterrupted_training(workspace):
+    root, vocab = workspace
+    full, resumed = root / "full", root / "resumed"
+    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(full)}))  # dropout, DropBlock, flips, multi-scale
+    # killed after step 5 (checkpoint at step 3, 4 batches per epoch): the resume crosses an epoch boundary
+    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--kill_after_steps": "5"}), expect_rc=1)
+    assert not (resumed / "model").exists() and (resumed / "checkpoint-3").is_dir()
+    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--resume_from_checkpoint": "latest"}))
+    assert max_difference(weights(full), weights(resumed)) == 0.0
+    assert max_difference(weights(full, "model_ema"), weights(resumed, "model_ema")) == 0.0
+
+
+def test_overfitting_four_images_recovers_their_boxes(tmp_path, bert_vocab_dir):
+    make_detection_set(tmp_path, num_images=4, seed=1)
+    tiny_training_config(deterministic=True).to_json_file(tmp_path / "config.json")
+    output = tmp_path / "out"
+    argv = [
+        "--cpu", "--config", str(tmp_path / "config.json"), "--tokenizer", str(bert_vocab_dir), "--train_files", str(tmp_path / "train.json"),
+        "--image_root", str(tmp_path), "--max_steps", "150", "--num_workers", "0", "--min_sizes", "64", "--max_size", "64",
+        "--flip_prob", "0", "--max_negatives", "-1", "--no_shuffle_classes", "--per_device_batch_size", "4",
+        "--learning_rate", "1e-3", "--text_learning_rate", "1e-3", "--warmup_steps", "10", "--lr_steps", "--ema_decay", "0",
+        "--logging_steps", "10", "--eval_annotations", str(tmp_path / "train.json"), "--eval_image_root", str(tmp_path),
+        "--eval_min_size", "64", "--eval_max_size", "64", "--output_dir", str(output),
+    ]
+    run(argv)
+    rows = metrics(output)
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses[-1] < 0.4 * losses[0]
+    evaluation = [row for row in rows if "eval_mAP_50" in row][-1]
+    assert evaluation["eval_mAP_50"] > 0.9
+
+
+@pytest.fixture(scope="module")
+def batch(workspace):
+    root, vocab = workspace
+    processor = GLIPProcessor(GLIPImageProcessor(), BertTokenizer.from_pretrained(str(vocab)))
+    records, categories = coco_json_to_records(root / "train.json")
+    collator = GLIPTrainingCollator.from_categories(processor, categories, image_root=root, transform=GLIPTrainTransform((64,), 64))
+    return collator([{"record": record, "index": i, "epoch": 0} for i, record in enumerate(records[:2])])
+
+
+def train_step(model, batch, script, mode, freeze=()):
+    frozen = script.configure_tuning(model, mode, freeze)
+    script.set_train_mode(model, frozen)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(script.parameter_groups(model, 1e-2, 1e-2, 0.0, 1.0))
+    inputs = {key: value for key, value in batch.items() if key != "skipped"}
+    model(**inputs).loss.backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    return changed, frozen
+
+
+@pytest.mark.parametrize("mode", ["full", "prompt", "linear_probe"])
+def test_tuning_modes_train_only_their_parameters(batch, mode):
+    script = load_script()
+    torch.manual_seed(0)
+    model = GLIPModel(tiny_training_config(text_prompt_length=64 if mode == "prompt" else 0))
+    changed, frozen = train_step(model, batch, script, mode)
+    names = {name for name, _ in model.named_parameters()}
+    if mode == "prompt":
+        assert changed == {"text_prompt"}
+        assert not any(getattr(model, name).training for name in ("backbone", "fpn", "text_model", "head"))  # all frozen: eval
+    elif mode == "linear_probe":
+        assert changed == {name for name in names if name.startswith(script.LINEAR_PROBE_PARAMETERS)}
+        assert not model.backbone.training and not model.text_model.training and model.head.training
+    else:
+        # every parameter but the never-computed cls_logits (and GroupNorm/others that received exactly zero update)
+        assert changed <= names - {"head.cls_logits.weight", "head.cls_logits.bias"} and len(changed) > 0.9 * len(names)
+        assert any(n.startswith("backbone.") for n in changed) and any(n.startswith("text_model.") for n in changed)
+    if mode == "full":
+        model = GLIPModel(tiny_training_config())
+        changed, frozen = train_step(model, batch, script, "full", freeze=("backbone", "text_model"))
+        assert frozen == ["backbone", "text_model"] and not any(n.startswith(("backbone.", "text_model.")) for n in changed)
+        with pytest.raises(ValueError, match="matches no parameter"):
+            script.configure_tuning(model, "full", ("no_such_module",))
+    with pytest.raises(ValueError, match="text_prompt_length"):
+        script.configure_tuning(GLIPModel(tiny_training_config()), "prompt")
+
+
+def test_parameter_groups_and_schedule():
+    script = load_script()
+    model = GLIPModel(tiny_training_config())
+    script.configure_tuning(model, "full")
+    groups = script.parameter_groups(model, 1e-4, 1e-5, 1e-4, 2.0)
+    settings = {(group["lr"], group["weight_decay"]) for group in groups}
+    assert settings == {(1e-4, 1e-4), (2e-4, 0.0), (1e-5, 1e-4), (2e-5, 0.0)}
+    bias_group = next(group for group in groups if group["lr"] == 2e-4)
+    assert any(p is model.head.bias0 for p in bias_group["params"]) and any(p is model.head.bias_lang for p in bias_group["params"])
+    factors = [script.warmup_multistep_factor(step, 4, 0.001, [6, 8], 0.1) for step in range(10)]
+    assert factors[0] == pytest.approx(0.001) and factors[2] == pytest.approx(0.5005) and factors[4:6] == [1.0, 1.0]
+    assert factors[6] == pytest.approx(0.1) and factors[8] == pytest.approx(0.01)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(batch):
+    torch.manual_seed(0)
+    model = GLIPModel(tiny_training_config(deterministic=True)).train()
+    inputs = {key: value for key, value in batch.items() if key != "skipped"}
+    model(**inputs).loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    model(**inputs).loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])
+def test_timm_backbone_trains(batch, name, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_training_config(deterministic=True)
+    config.backbone_config = timm_backbone_config(name)
+    model = GLIPModel(config).train()
+    assert list(model.backbone.channels[-3:]) == [model.fpn.inner_blocks[i][0].in_channels for i in range(3)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = {key: value for key, value in batch.items() if key != "skipped"}
+    before = model.backbone.state_dict()
+    before = {key: value.clone() for key, value in before.items()}
+    losses = []
+    for _ in range(3):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert any(not torch.equal(before[key], value) for key, value in model.backbone.state_dict().items())
+    model.save_pretrained(tmp_path)
+    reloaded = GLIPModel.from_pretrained(tmp_path)
+    assert reloaded.config.backbone_config.backbone == name and type(reloaded.backbone).__name__ == "TimmBackbone"
+    with pytest.raises(ValueError, match="strides"):
+        timm_backbone_config("vit_tiny_patch16_224")
