@@ -31,7 +31,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from transformers.image_transforms import corners_to_center_format
 
-from .prompts import DEFAULT_SEPARATOR, Prompt, build_caption_prompt, build_detection_prompt, clean_class_names
+from .prompts import DEFAULT_SEPARATOR, Prompt, build_detection_prompt, clean_class_names
 from .train_transforms import GLIPTrainTransform, Span, legacy_xyxy_from_coco
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ import json
 import logging
 import random
 
-import PIL.Image
 import pytest
 import torch
 from transformers import BertTokenizer
