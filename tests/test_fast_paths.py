@@ -219,3 +219,18 @@ def test_repeated_images_share_one_backbone_pass(tiny_model):
             alone = tiny_model(pixel_values[row : row + 1], input_ids[row : row + 1])
             assert (batched.logits[row] - alone.logits[0]).abs().max() < ATOL
             assert (batched.pred_boxes[row] - alone.pred_boxes[0]).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+def test_half_precision_model_stays_finite_and_close(tiny_model, dtype, tolerance):
+    """bf16 / fp16 inference on CPU through every fast path (clamps kept; deformable convs in float32)."""
+    half = GLIPModel(tiny_model.config).eval()
+    half.load_state_dict(tiny_model.state_dict())
+    half.to(dtype)
+    inputs = make_inputs(batch=2)
+    with torch.no_grad():
+        out, reference = half(**inputs), tiny_model(**inputs)
+    assert out.logits.dtype == dtype
+    for name in ("logits", "pred_boxes", "centerness", "text_hidden_state"):
+        assert torch.isfinite(getattr(out, name)).all(), name
+    assert (out.logits.float() - reference.logits).abs().max() < tolerance
