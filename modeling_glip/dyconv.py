@@ -45,37 +45,35 @@ def _bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, size, kernel_size, 
     """Where every tap of a modulated deformable convolution samples, as 4 weighted pixels of the input map.
 
     offset (B, 2K, Ho, Wo) holds (dy, dx) of tap k = i * kw + j at channels 2k, 2k + 1 (torchvision / GLIP layout),
-    mask (B, K, Ho, Wo). Returns pixel indices into the flattened (H * W) input and their weights, both
-    (B, Ho * Wo * K, 4), rows ordered (output position, tap). A corner outside the map gets weight 0 (and a valid
-    dummy index), exactly torchvision's `bilinear_interpolate`: its early "return 0" for y <= -1, y >= H, ... is
-    the case where all four corners are outside or carry weight 0.
+    mask (B, K, Ho, Wo). Returns indices into the flattened input map framed by a one-pixel zero border,
+    (H + 2) * (W + 2) pixels, and their weights (bilinear weight times mask), both (B, Ho * Wo * K, 4), rows ordered
+    (output position, tap). A corner outside the map is moved onto the zero border, so it contributes 0 exactly like
+    torchvision's `bilinear_interpolate` (whose early "return 0" for y <= -1, y >= H, ... is the case where all four
+    corners are outside or carry weight 0).
     """
     batch, _, out_h, out_w = offset.shape
     height, width = size
     (kernel_h, kernel_w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = kernel_size, stride, padding, dilation
-    taps = kernel_h * kernel_w
     dtype, device = offset.dtype, offset.device
     tap_y = (torch.arange(kernel_h, device=device) * dil_h).repeat_interleave(kernel_w).to(dtype)  # (K,)
     tap_x = (torch.arange(kernel_w, device=device) * dil_w).repeat(kernel_h).to(dtype)
     out_y = (torch.arange(out_h, device=device) * stride_h - pad_h).to(dtype)
     out_x = (torch.arange(out_w, device=device) * stride_w - pad_w).to(dtype)
-    offset = offset.unflatten(1, (taps, 2))
-    y = (out_y[None, :, None] + tap_y[:, None, None]) + offset[:, :, 0]  # (B, K, Ho, Wo), summed as torchvision does
-    x = (out_x[None, None, :] + tap_x[:, None, None]) + offset[:, :, 1]
+    # (B, Ho, Wo, K): the rows of one output position are its K taps
+    offset = offset.unflatten(1, (kernel_h * kernel_w, 2)).permute(0, 3, 4, 1, 2)
+    y = (out_y[:, None, None] + tap_y) + offset[..., 0]  # summed in torchvision's order
+    x = (out_x[:, None] + tap_x) + offset[..., 1]
     y_low, x_low = y.floor(), x.floor()
     frac_y, frac_x = y - y_low, x - x_low
-    y_low, x_low = y_low.long(), x_low.long()
-
-    indices, weights = [], []
-    for corner_y, weight_y in ((y_low, 1 - frac_y), (y_low + 1, frac_y)):
-        for corner_x, weight_x in ((x_low, 1 - frac_x), (x_low + 1, frac_x)):
-            inside = (corner_y >= 0) & (corner_y < height) & (corner_x >= 0) & (corner_x < width)
-            weights.append(weight_y * weight_x * mask * inside)
-            indices.append(corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1))
-    # (B, K, Ho, Wo, 4) -> (B, Ho, Wo, K, 4): the rows of one output position are its K taps
-    indices = torch.stack(indices, dim=-1).permute(0, 2, 3, 1, 4).reshape(batch, out_h * out_w * taps, 4)
-    weights = torch.stack(weights, dim=-1).permute(0, 2, 3, 1, 4).reshape(batch, out_h * out_w * taps, 4)
-    return indices, weights
+    corner = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    # corners (low, high) per axis, outside ones clamped onto the border row / column; +1 for the border
+    rows = ((y_low[..., None] + corner).clamp(-1, height) + 1).long()  # (B, Ho, Wo, K, 2)
+    cols = ((x_low[..., None] + corner).clamp(-1, width) + 1).long()
+    weight_y = torch.stack((1 - frac_y, frac_y), dim=-1) * mask.permute(0, 2, 3, 1)[..., None]
+    weight_x = torch.stack((1 - frac_x, frac_x), dim=-1)
+    indices = rows[..., :, None] * (width + 2) + cols[..., None, :]  # (B, Ho, Wo, K, 2, 2)
+    weights = weight_y[..., :, None] * weight_x[..., None, :]
+    return indices.reshape(batch, -1, 4), weights.reshape(batch, -1, 4)
 
 
 def modulated_deform_conv2d(
@@ -85,8 +83,9 @@ def modulated_deform_conv2d(
 
     x (B, C, H, W), offset (B, 2K, Ho, Wo), mask (B, K, Ho, Wo), weight (O, C, kh, kw), bias (O,) or None
     -> (B, O, Ho, Wo), channels-last in memory. Each tap's masked bilinear sample is a weighted sum of 4 rows of
-    the channels-last input (H * W, C); one `embedding_bag` builds the (Ho * Wo, K * C) columns of an image and one
-    matrix product with the (K * C, O) weights finishes it (torchvision's CPU kernel samples channel by channel).
+    the channels-last input framed by zeros, ((H + 2) * (W + 2), C); one `embedding_bag` builds the
+    (Ho * Wo, K * C) columns of an image and one matrix product with the (K * C, O) weights finishes it
+    (torchvision's CPU kernel samples channel by channel).
     """
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
@@ -98,7 +97,9 @@ def modulated_deform_conv2d(
             f"weight {tuple(weight.shape)} for input {tuple(x.shape)}"
         )
     indices, tap_weights = _bilinear_taps(offset, mask, (height, width), (kernel_h, kernel_w), stride, padding, dilation)
-    pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view for channels-last input
+    pixels = x.new_zeros(batch, height + 2, width + 2, channels)
+    pixels[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
+    pixels = pixels.view(batch, -1, channels)
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)  # columns ordered (tap, channel)
     outputs = []
     for image in range(batch):
