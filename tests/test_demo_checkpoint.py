@@ -1,0 +1,159 @@
+"""The bundled demo checkpoint (checkpoints/glip-demo): it loads through the Auto classes and both zero-shot pipelines,
+finds the objects of freshly generated synthetic scenes with the right names, and `make demo`'s command runs."""
+
+import importlib.util
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, pipeline
+
+import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
+from modeling_glip.cli import main as glip_detect
+from processing import GLIPZeroShotObjectDetectionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "checkpoints" / "glip-demo"
+MAX_CHECKPOINT_BYTES = 20 * 10**6
+
+
+def _load(name: str, path: Path):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+shapes = _load("synthetic_shapes", ROOT / "examples" / "synthetic_shapes.py")
+demo = _load("build_glip_demo", ROOT / "examples" / "demo" / "build_glip_demo.py")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForZeroShotObjectDetection.from_pretrained(CHECKPOINT, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def one_pass():
+    return pipeline("zero-shot-object-detection", model=str(CHECKPOINT), pipeline_class=GLIPZeroShotObjectDetectionPipeline)
+
+
+def test_checkpoint_files_and_size():
+    names = {path.name for path in CHECKPOINT.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "processor_config.json", "tokenizer_config.json"} <= names
+    assert (CHECKPOINT / "model.safetensors").stat().st_size <= MAX_CHECKPOINT_BYTES
+    tokenizer_config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    assert tokenizer_config.get("model_max_length", 512) >= 256
+    if (CHECKPOINT / "tokenizer.json").is_file():  # no truncation / padding inherited from MiniLM's tokenizer.json
+        tokenizer_json = json.loads((CHECKPOINT / "tokenizer.json").read_text())
+        assert tokenizer_json["truncation"] is None and tokenizer_json["padding"] is None
+
+
+def test_loads_in_float32_through_auto_classes(model):
+    assert type(model).__name__ == "GLIPModel"
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    # the shipped config asks for float32 even though the weights are stored in fp16
+    assert AutoModelForZeroShotObjectDetection.from_pretrained(CHECKPOINT).dtype == torch.float32
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    assert processor.image_processor.min_size == 160
+    # a long prompt (all 48 names) is neither truncated nor padded to a fixed length
+    names = [category["name"] for category in shapes.categories()]
+    inputs = processor(images=[Image.new("RGB", (160, 160))], text=names)
+    assert inputs["input_ids"].shape[0] == 1 and 100 < inputs["input_ids"].shape[1] < 256
+
+
+def _fresh_scene(index: int):
+    """A scene that no split of the default seed contains (its own generator seed), of seen combinations."""
+    return shapes.render_scene(shapes.sample_scene(np.random.default_rng([20260, index])))
+
+
+def _found(detections, annotation, threshold=0.3) -> bool:
+    """The object has a detection of its own name with IoU > 0.5 and score >= threshold, and that is the best-scoring
+    detection overlapping it (no more confident wrong name on top of it)."""
+    x, y, w, h = annotation["bbox"]
+    target = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
+    overlapping = []
+    for detection in detections:
+        box = torch.tensor([[detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]], dtype=torch.float32)
+        if box_iou(target, box).item() > 0.5 and detection["score"] >= threshold:
+            overlapping.append(detection)
+    return bool(overlapping) and max(overlapping, key=lambda d: d["score"])["label"] == annotation["name"]
+
+
+SEEN_LABELS = [shapes.category_name(*combination) for combination in shapes.SEEN_COMBINATIONS]
+
+
+def test_one_pass_pipeline_finds_each_object_of_a_fresh_scene(one_pass):
+    image, annotations = _fresh_scene(1)  # four shapes: purple cross, purple star, purple ring, yellow diamond
+    assert len(annotations) == 4
+    detections = one_pass(image, candidate_labels=SEEN_LABELS)
+    for annotation in annotations:
+        assert _found(detections, annotation), (annotation, detections)
+
+
+def test_one_pass_pipeline_names_most_objects_of_fresh_scenes(one_pass):
+    """The checkpoint's seen mAP is 0.60, so not every object of every scene gets the right name first: over 20
+    fresh scenes (51 objects) at least 65% must (the shipped checkpoint: 38 / 51; 74 / 99 over 40 scenes)."""
+    found = total = 0
+    for index in range(20):
+        image, annotations = _fresh_scene(index)
+        detections = one_pass(image, candidate_labels=SEEN_LABELS)
+        found += sum(_found(detections, annotation) for annotation in annotations)
+        total += len(annotations)
+    assert total == 51 and found / total >= 0.65, f"{found} / {total}"
+
+
+def test_stock_pipeline_loads_and_runs():
+    """transformers' stock pipeline runs one forward per label with that label alone as the prompt. The demo model
+    was trained on prompts of several names, and alone a name scores high on any shape sharing a word with it, so
+    only the format is checked here (use GLIPZeroShotObjectDetectionPipeline for GLIP's real scores)."""
+    detector = pipeline("zero-shot-object-detection", model=str(CHECKPOINT))
+    image, annotations = shapes.render_scene(demo.demo_scene_spec())
+    labels = [annotation["name"] for annotation in annotations]
+    detections = detector(image, candidate_labels=labels)
+    assert detections and {d["label"] for d in detections} <= set(labels)
+    for detection in detections:
+        assert 0 <= detection["score"] <= 1 and set(detection["box"]) == {"xmin", "ymin", "xmax", "ymax"}
+    scores = [d["score"] for d in detections]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_bundled_demo_scene_is_the_builders():
+    image, _ = shapes.render_scene(demo.demo_scene_spec())
+    assert np.array_equal(np.asarray(Image.open(ROOT / "examples" / "demo_scene.png").convert("RGB")), np.asarray(image))
+
+
+def _make_demo_arguments():
+    """The glip-detect arguments of the Makefile's `demo` target."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE).group(1)
+    command = next(line for line in recipe.splitlines() if "glip-detect" in line)
+    words = shlex.split(command)
+    return words[words.index(next(w for w in words if w.endswith("glip-detect"))) + 1 :]
+
+
+def test_make_demo_command_runs(tmp_path, capsys):
+    arguments = _make_demo_arguments()
+    assert arguments[0] == "examples/demo_scene.png" and "--model" not in arguments  # the bundled checkpoint by default
+    output = tmp_path / "demo"
+    arguments[arguments.index("--output-dir") + 1] = str(output)
+    arguments[0] = str(ROOT / arguments[0])
+    assert glip_detect(arguments) == 0
+    printed = capsys.readouterr().out
+    _, annotations = shapes.render_scene(demo.demo_scene_spec())
+    for annotation in annotations:
+        assert annotation["name"] in printed
+    for absent in demo.DEMO_ABSENT_LABELS:
+        assert absent not in printed
+    assert (output / "demo_scene_detections.png").is_file()
+    report = json.loads((output / "detections.json").read_text())
+    assert sorted(category["name"] for category in report["categories"]) == sorted(a["name"] for a in annotations)
