@@ -149,6 +149,21 @@ def export(args):
     print(f"wrote {args.output} from the EMA weights of {args.checkpoint}")
 
 
+def strip_remote_code(folder: Path) -> None:
+    """Remove the code copies and `auto_map` entries that `save_pretrained` adds for trust_remote_code.
+
+    The bundled checkpoint is loaded through this repository's packages; stale copies of the modules beside it would
+    duplicate the code (a `push_to_hub` of the loaded model writes fresh ones).
+    """
+    for module in folder.glob("*.py"):
+        module.unlink()
+    processor_config = folder / "processor_config.json"
+    data = json.loads(processor_config.read_text())
+    data.pop("auto_map", None)
+    data.get("image_processor", {}).pop("auto_map", None)
+    processor_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def package(args):
     """A trained model folder -> the shipped checkpoint: fp16 safetensors, processor at 160 px, model card."""
     import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
@@ -162,11 +177,11 @@ def package(args):
         shutil.rmtree(output)
     model = GLIPModel.from_pretrained(args.model, dtype=torch.float32)
     model.config.min_size_test, model.config.max_size_test = IMAGE_SIZE, MAX_IMAGE_SIZE
-    model.register_for_auto_class("AutoModelForZeroShotObjectDetection")
     model.half().save_pretrained(output)
     # the weights are fp16, but the model is meant to run in float32 (`dtype="auto"` reads this)
     config = json.loads((output / "config.json").read_text())
     config["dtype"] = "float32"
+    config.pop("auto_map", None)  # the bundled copy loads through this repository's code (see strip below)
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer = BertTokenizer.from_pretrained(args.model)
     # the processor's padding=True calls leave a padding state on the fast tokenizer, which would be saved with it
@@ -174,6 +189,7 @@ def package(args):
     tokenizer.backend_tokenizer.no_truncation()
     processor = GLIPProcessor(GLIPImageProcessor(min_size=IMAGE_SIZE, max_size=MAX_IMAGE_SIZE), tokenizer, max_text_len=model.config.max_text_len)
     processor.save_pretrained(output)
+    strip_remote_code(output)
     if kept_card is not None:
         card.write_text(kept_card)
     size = (output / "model.safetensors").stat().st_size
