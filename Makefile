@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 test: venv
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
 
 # zero-shot detection with the bundled checkpoint (checkpoints/glip-demo) on the bundled scene; writes outputs/demo/
 demo: venv
