@@ -346,6 +346,21 @@ class GLIPModel(GLIPPreTrainedModel):
             raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
 
     @staticmethod
+    def _validate_labels(labels, batch_size: int, num_tokens: int):
+        if len(labels) != batch_size:
+            raise ValueError(f"`labels` has {len(labels)} entries for {batch_size} images.")
+        for index, target in enumerate(labels):
+            if not {"boxes", "positive_map"} <= set(target):
+                raise ValueError(f"`labels[{index}]` needs `boxes` and `positive_map`; got keys {sorted(target)}.")
+            boxes, positive_map = target["boxes"], target["positive_map"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"`labels[{index}]['boxes']` must be (num_boxes, 4) normalised cxcywh; got {tuple(boxes.shape)}.")
+            if positive_map.shape != (boxes.shape[0], num_tokens):
+                raise ValueError(
+                    f"`labels[{index}]['positive_map']` must be (num_boxes, tokens) = {(boxes.shape[0], num_tokens)}; got {tuple(positive_map.shape)}."
+                )
+
+    @staticmethod
     def image_sizes_from_mask(pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor]) -> torch.LongTensor:
         """(B, 2) unpadded (h, w): the extent of the valid region of `pixel_mask` (the whole canvas without one)."""
         batch, _, height, width = pixel_values.shape
@@ -426,6 +441,8 @@ class GLIPModel(GLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, text_encoder_hidden_state)
+        if labels is not None:
+            self._validate_labels(labels, pixel_values.shape[0], input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixel_values = pixel_values.to(self.dtype)
@@ -454,8 +471,6 @@ class GLIPModel(GLIPPreTrainedModel):
                 {"boxes": center_to_corners_format(target["boxes"].to(scale.dtype)) * scale[i], "positive_map": target["positive_map"]}
                 for i, target in enumerate(labels)
             ]
-            if len(targets) != pixel_values.shape[0]:
-                raise ValueError(f"`labels` has {len(targets)} entries for {pixel_values.shape[0]} images.")
             # the original computes its losses in float32 under AMP (custom_fwd(cast_inputs=float32))
             loss_dict = self.criterion(
                 logits.float(), box_regression.float(), centerness.float(), anchors, [h * w for h, w in spatial_shapes], attention_mask, targets

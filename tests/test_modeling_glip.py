@@ -209,9 +209,13 @@ def test_processor_metadata_keys_are_accepted_and_typos_are_not(model):
         model(**inputs, output_hiden_states=True)
 
 
-def test_labels_must_match_the_batch(model):
+def test_labels_must_match_the_batch_and_the_prompt(model):
     with pytest.raises(ValueError, match="labels"):
         model(**make_inputs(batch=2), labels=make_labels())
+    with pytest.raises(ValueError, match="positive_map"):
+        model(**make_inputs(tokens=5), labels=make_labels(tokens=7))
+    with pytest.raises(ValueError, match="boxes"):
+        model(**make_inputs(), labels=[{"boxes": torch.zeros(2, 3), "positive_map": torch.zeros(2, 7)}])
 
 
 def test_presets_reproduce_the_released_architectures():
