@@ -19,6 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 from tqdm.auto import tqdm
 
+from processing import post_processing_limits
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "glip-demo"
 CONVERT_HINT = (
     "Convert the official GLIP weights first, e.g.\n"
@@ -77,15 +79,8 @@ def detect(model, processor, image: Image.Image, prompt: dict, threshold: float,
     inputs = processor(images=[image], text=prompt["text"], phrases=prompt.get("phrases"))
     with torch.no_grad():
         outputs = model(**inputs)
-    config = model.config
     (result,) = processor.post_process_grounded_object_detection(
-        outputs,
-        inputs,
-        threshold=config.inference_threshold,
-        target_sizes=[(image.height, image.width)],
-        nms_threshold=config.nms_threshold,
-        max_detections=config.detections_per_image,
-        score_aggregation=config.score_aggregation,
+        outputs, inputs, target_sizes=[(image.height, image.width)], **post_processing_limits(model.config)
     )
     keep = result["scores"] >= threshold
     indices = keep.nonzero().flatten()[: top_k if top_k else None]

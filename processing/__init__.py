@@ -3,7 +3,7 @@
 from .chunking import chunk_names
 from .image_processing_glip import GLIPImageProcessor, get_resize_output_size
 from .pipeline_glip import GLIPZeroShotObjectDetectionPipeline
-from .post_processing_glip import post_process_grounded
+from .post_processing_glip import post_process_grounded, post_processing_limits
 from .processing_glip import GLIPProcessor
 from .prompts import Prompt, build_caption_prompt, build_detection_prompt, clean_class_names, clean_name, positive_map_from_encoding
 
@@ -20,4 +20,5 @@ __all__ = [
     "get_resize_output_size",
     "positive_map_from_encoding",
     "post_process_grounded",
+    "post_processing_limits",
 ]

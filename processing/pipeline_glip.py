@@ -15,6 +15,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines import ZeroShotObjectDetectionPipeline
 
 from .image_processing_glip import get_resize_output_size
+from .post_processing_glip import post_processing_limits
 from .processing_glip import GLIPProcessor
 
 
@@ -103,17 +104,12 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
         return {"outputs": outputs, **model_inputs}
 
     def postprocess(self, model_outputs, threshold=None, top_k=None, nms_threshold=None, max_detections=None):
-        config = self.model.config
         (model_output,) = model_outputs
         detections = self.glip_processor.post_process_grounded_object_detection(
             model_output["outputs"],
             model_output["encoded"],
-            threshold=config.inference_threshold if threshold is None else threshold,
             target_sizes=model_output["target_sizes"],
-            nms_threshold=config.nms_threshold if nms_threshold is None else nms_threshold,
-            pre_nms_top_n=config.pre_nms_top_n,
-            max_detections=config.detections_per_image if max_detections is None else max_detections,
-            score_aggregation=config.score_aggregation,
+            **post_processing_limits(self.model.config, threshold=threshold, nms_threshold=nms_threshold, max_detections=max_detections),
         )
         results = []
         for image_detections in detections:

@@ -21,6 +21,19 @@ from transformers.image_transforms import center_to_corners_format
 SCORE_AGGREGATIONS = ("mean", "max")
 
 
+def post_processing_limits(config: Any, **overrides: Any) -> dict:
+    """A GLIP model config's post-processing limits (INFERENCE_TH, NMS_TH, PRE_NMS_TOP_N, DETECTIONS_PER_IMG, SCORE_AGG)
+    as keyword arguments of the post-processing functions; `overrides` that are not None win."""
+    limits = {
+        "threshold": config.inference_threshold,
+        "nms_threshold": config.nms_threshold,
+        "pre_nms_top_n": config.pre_nms_top_n,
+        "max_detections": config.detections_per_image,
+        "score_aggregation": config.score_aggregation,
+    }
+    return {**limits, **{name: value for name, value in overrides.items() if value is not None}}
+
+
 def output_field(outputs: Any, name: str) -> torch.Tensor:
     """Read `name` from a ModelOutput / BaseModelOutput / dict, with a clear error when it is missing."""
     value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)

@@ -181,3 +181,13 @@ def test_bad_outputs(head_outputs, positive_map):
         post_process_grounded(head_outputs, positive_map[None, :, :100])
     with pytest.raises(ValueError, match="no tokens"):
         post_process_grounded(head_outputs, torch.zeros(1, 1, 256))
+
+
+def test_post_processing_limits_come_from_the_config_unless_overridden():
+    from modeling_glip import GLIPConfig
+    from processing import post_processing_limits
+
+    config = GLIPConfig(inference_threshold=0.1, pre_nms_top_n=500, detections_per_image=50, score_aggregation="max")
+    assert post_processing_limits(config) == {"threshold": 0.1, "nms_threshold": 0.6, "pre_nms_top_n": 500, "max_detections": 50, "score_aggregation": "max"}
+    assert post_processing_limits(config, threshold=0.3, max_detections=None)["threshold"] == 0.3
+    assert post_processing_limits(config, threshold=0.3, max_detections=None)["max_detections"] == 50
