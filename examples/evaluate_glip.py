@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import evaluate
-import PIL.Image
 import torch
 from transformers import BertTokenizer
 
 from modeling_glip.modeling_glip import GLIPModel
 from processing import GLIPImageProcessor, GLIPProcessor
+from processing.image_conversion import load_rgb_image
 from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco, predict_grounding
 from processing.training_data import coco_json_to_records
 
@@ -75,8 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 continue
             spans = sorted(phrase_boxes)
             path = Path(args.images) / record["file_name"] if args.images else Path(record["file_name"])
-            with PIL.Image.open(path) as image:
-                ranked = predict_grounding(model, processor, image.convert("RGB"), record["caption"], spans, max_detections=args.max_detections)
+            ranked = predict_grounding(model, processor, load_rgb_image(path), record["caption"], spans, max_detections=args.max_detections)
             predictions += [{"boxes": boxes} for boxes in ranked]
             references += [{"boxes": phrase_boxes[span]} for span in spans]
         metric = evaluate.load(str(METRICS / "grounding_recall" / "grounding_recall.py"))

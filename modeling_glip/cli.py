@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 from tqdm.auto import tqdm
 
-from processing import post_processing_limits
+from processing import load_rgb_image, post_processing_limits
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "glip-demo"
 CONVERT_HINT = (
@@ -114,10 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     categories, results, failures = {}, [], []
     for image_id, path in enumerate(tqdm(args.images, desc="images", unit="img", disable=len(args.images) < 2)):
         try:
-            image = Image.open(path)
-            image.load()
-            image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
+            image = load_rgb_image(path)
+        except ValueError as error:
             failures.append(path)
             print(f"glip-detect: cannot read image {path}: {error}", file=sys.stderr)
             continue

@@ -1,6 +1,7 @@
 """GLIP preprocessing, prompts and post-processing for the Hugging Face ecosystem."""
 
 from .chunking import chunk_names
+from .image_conversion import load_rgb_image
 from .image_processing_glip import GLIPImageProcessor, get_resize_output_size
 from .pipeline_glip import GLIPZeroShotObjectDetectionPipeline
 from .post_processing_glip import post_process_grounded, post_processing_limits
@@ -18,6 +19,7 @@ __all__ = [
     "clean_class_names",
     "clean_name",
     "get_resize_output_size",
+    "load_rgb_image",
     "positive_map_from_encoding",
     "post_process_grounded",
     "post_processing_limits",

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import PIL.Image
 import torch
 
+from .image_conversion import load_rgb_image
 from .training_data import coco_json_to_records
 
 
@@ -84,8 +84,7 @@ def predict_coco(
     predictions = []
     for record in records:
         path = Path(image_root) / record["file_name"] if image_root is not None else Path(record["file_name"])
-        with PIL.Image.open(path) as image:
-            image = image.convert("RGB")
+        image = load_rgb_image(path)
         inputs = processor(images=[image], text=names, names_per_chunk=names_per_chunk).to(device)
         outputs = model(**inputs)
         result = processor.post_process_grounded_object_detection(
@@ -104,7 +103,7 @@ def predict_coco(
 
 @torch.no_grad()
 def predict_grounding(
-    model, processor, image: PIL.Image.Image, caption: str, phrase_spans: Sequence[Tuple[int, int]], threshold: float = 0.0, max_detections: int = 100
+    model, processor, image, caption: str, phrase_spans: Sequence[Tuple[int, int]], threshold: float = 0.0, max_detections: int = 100
 ) -> List[List[List[float]]]:
     """Ground each phrase of a caption -> per phrase its predicted xyxy boxes (original image pixels), by decreasing
     score: the `grounding_recall` metric's predictions (the original's Flickr30K inference, section 9)."""

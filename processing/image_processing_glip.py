@@ -11,7 +11,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ImageInput, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .image_conversion import flatten_images, to_rgb_pil
+from .image_conversion import flatten_images, load_rgb_image
 from .post_processing_glip import detect_rows, positive_maps_from_attention_mask, rescale_boxes, output_field, target_size_rows
 
 
@@ -93,7 +93,7 @@ class GLIPImageProcessor(TorchvisionBackend):
         images = flatten_images(images)
         if len(images) == 0:
             raise ValueError("no images were given")
-        return [to_rgb_pil(image, index, kwargs.get("input_data_format")) for index, image in enumerate(images)]
+        return [load_rgb_image(image, index, kwargs.get("input_data_format")) for index, image in enumerate(images)]
 
     def _preprocess(
         self,

@@ -11,9 +11,9 @@ Use it with `pipeline("zero-shot-object-detection", model=..., pipeline_class=GL
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
-from transformers.image_utils import load_image
 from transformers.pipelines import ZeroShotObjectDetectionPipeline
 
+from .image_conversion import load_rgb_image
 from .image_processing_glip import get_resize_output_size
 from .post_processing_glip import post_processing_limits
 from .processing_glip import GLIPProcessor
@@ -70,11 +70,7 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
             labels = [label.strip() for label in labels.split(",")]
         if not labels:
             raise ValueError("candidate_labels is empty: give at least one class name")
-        try:
-            image = load_image(request["image"], timeout=timeout)
-        except Exception as error:
-            raise ValueError(f"Cannot read image {request['image']!r}: {error}") from error
-        return {"image": image, "candidate_labels": list(labels)}
+        return {"image": load_rgb_image(request["image"], timeout=timeout), "candidate_labels": list(labels)}
 
     def _canvas(self, image) -> tuple:
         """The padded canvas (h, w) the image processor will put this image on."""

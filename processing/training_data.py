@@ -31,6 +31,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from transformers.image_transforms import corners_to_center_format
 
+from .image_conversion import load_rgb_image
 from .prompts import DEFAULT_SEPARATOR, Prompt, build_detection_prompt, clean_class_names
 from .train_transforms import GLIPTrainTransform, Span, legacy_xyxy_from_coco
 
@@ -328,10 +329,9 @@ class GLIPTrainingCollator:
             raise SkippedSample("corrupt_image", f"record has no file_name: {record!r:.200}")
         path = self.image_root / file_name if self.image_root is not None else Path(file_name)
         try:
-            with PIL.Image.open(path) as image:
-                image = image.convert("RGB")  # the original datasets' loader (section 1)
-        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-            raise SkippedSample("corrupt_image", f"cannot read image {path}: {error}") from error
+            image = load_rgb_image(path)
+        except ValueError as error:
+            raise SkippedSample("corrupt_image", str(error)) from error
         width, height = record.get("width"), record.get("height")
         if width is not None and height is not None and (int(width), int(height)) != image.size:
             raise SkippedSample("size_mismatch", f"image {path} is {image.size[0]}x{image.size[1]}, the record says {width}x{height}")
