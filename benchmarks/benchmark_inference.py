@@ -123,7 +123,7 @@ def to_device(inputs, device):
 
 
 def model_inputs(inputs):
-    keys = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
+    keys = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "chunk_to_image")
     return {k: inputs[k] for k in keys}
 
 
@@ -228,8 +228,8 @@ def run_fixed_vocabulary(args):
             rows = torch.arange(len(batch_images), device=device).repeat_interleave(chunks)  # row -> image, chunks adjacent
             chunk = torch.arange(chunks, device=device).repeat(len(batch_images))  # row -> chunk
             inputs = {
-                "pixel_values": pixels["pixel_values"][rows],
-                "pixel_mask": pixels["pixel_mask"][rows],
+                "pixel_values": pixels["pixel_values"],
+                "pixel_mask": pixels["pixel_mask"],
                 **{key: vocabulary[key][chunk] for key in ("input_ids", "attention_mask", "token_type_ids", "positive_map", "label_ids")},
                 "chunk_to_image": rows,
                 "text_labels": vocabulary["text_labels"] * len(batch_images),

@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.image_transforms import center_to_corners_format, corners_to_center_format
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.utils import ModelOutput
+from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .anchor_generator import ATSSAnchorGenerator, cell_anchors_per_level
 from .box_coder import BoxCoder
@@ -30,7 +31,7 @@ from .vl_fusion import BiMultiHeadAttention, VLFuse
 
 CLAMPED_ATTENTION = "glip_clamped_eager"
 # Keys of `GLIPProcessor` outputs that describe the prompt for post-processing / training and are not model inputs.
-PROCESSOR_ONLY_KEYS = {"positive_map", "label_ids", "chunk_to_image", "text_labels"}
+PROCESSOR_ONLY_KEYS = {"positive_map", "label_ids", "text_labels"}
 
 
 def clamped_eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -306,17 +307,25 @@ class GLIPModel(GLIPPreTrainedModel):
         )
         self.post_init()
 
-    def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, text_encoder_hidden_state=None):
+    def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state=None):
         if pixel_values is None or input_ids is None:
             raise ValueError("GLIPModel needs both `pixel_values` (B, 3, H, W) and `input_ids` (B, T).")
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"`pixel_values` must have shape (batch, 3, height, width); got {tuple(pixel_values.shape)}.")
         self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
-        if input_ids.shape[0] != pixel_values.shape[0]:
+        if chunk_to_image is None and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
-                f"Batch size mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts. "
-                "Give one prompt per image (repeat the prompt, or the image for chunked vocabularies)."
+                f"Batch size mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts. Give one prompt "
+                "per image, or `chunk_to_image` (the image index of each prompt row) for several prompt rows per image."
             )
+        if chunk_to_image is not None:
+            if chunk_to_image.shape != input_ids.shape[:1] or chunk_to_image.is_floating_point():
+                raise ValueError(
+                    f"`chunk_to_image` must be an integer tensor of shape ({input_ids.shape[0]},), the image index of each "
+                    f"prompt row; got {chunk_to_image.dtype} of shape {tuple(chunk_to_image.shape)}."
+                )
+            if not is_torchdynamo_compiling() and not bool(((chunk_to_image >= 0) & (chunk_to_image < pixel_values.shape[0])).all()):
+                raise ValueError(f"`chunk_to_image` {chunk_to_image.tolist()} indexes images outside 0..{pixel_values.shape[0] - 1}.")
         if pixel_mask is not None and pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
             raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
         expected = (*input_ids.shape, self.config.text_config.hidden_size)
@@ -342,7 +351,7 @@ class GLIPModel(GLIPPreTrainedModel):
         for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
-        if attention_mask is not None and not bool((attention_mask.sum(dim=1) > 0).all()):
+        if attention_mask is not None and not is_torchdynamo_compiling() and not bool((attention_mask.sum(dim=1) > 0).all()):
             raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
 
     @staticmethod
@@ -385,23 +394,17 @@ class GLIPModel(GLIPPreTrainedModel):
         self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
-    def _pyramid(self, pixel_values: torch.FloatTensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Backbone maps (C3, C4, C5) and FPN maps (P3..P7) of every row, each (B, C, H, W).
+    def _pyramid(self, pixel_values: torch.FloatTensor, chunk_to_image: Optional[torch.LongTensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Backbone maps (C3, C4, C5) and FPN maps (P3..P7) of every prompt row, each (R, C, H, W).
 
-        At inference a row that repeats the previous row's image (a chunked vocabulary: one row per chunk) reuses its
-        features: the backbone and FPN run once per distinct image, which changes nothing else. (In training every
-        row keeps its own stochastic depth / DropBlock draws.)
+        The backbone and FPN run once per image; with `chunk_to_image` (a chunked vocabulary: several prompt rows per
+        image) each row then takes its image's maps.
         """
-        batch = pixel_values.shape[0]
-        new_image = [True] + [self.training or not torch.equal(pixel_values[row], pixel_values[row - 1]) for row in range(1, batch)]
-        distinct = [row for row in range(batch) if new_image[row]]
-        images = pixel_values if len(distinct) == batch else pixel_values[distinct]
-        backbone_maps = self.backbone(images).feature_maps[-3:]  # strides 8, 16, 32
+        backbone_maps = self.backbone(pixel_values).feature_maps[-3:]  # strides 8, 16, 32
         pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
-        if len(distinct) < batch:
-            source = torch.tensor(new_image, device=pixel_values.device).cumsum(0) - 1  # row -> its distinct image
-            backbone_maps = [feature[source] for feature in backbone_maps]
-            pyramid = [feature[source] for feature in pyramid]
+        if chunk_to_image is not None:
+            backbone_maps = [feature.index_select(0, chunk_to_image) for feature in backbone_maps]
+            pyramid = [feature.index_select(0, chunk_to_image) for feature in pyramid]
         return list(backbone_maps), pyramid
 
     def forward(
@@ -411,6 +414,7 @@ class GLIPModel(GLIPPreTrainedModel):
         attention_mask: Optional[torch.LongTensor] = None,
         token_type_ids: Optional[torch.LongTensor] = None,
         pixel_mask: Optional[torch.LongTensor] = None,
+        chunk_to_image: Optional[torch.LongTensor] = None,
         labels: Optional[List[Dict[str, torch.Tensor]]] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -418,38 +422,43 @@ class GLIPModel(GLIPPreTrainedModel):
         **processor_outputs,
     ):
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalised BGR x255 images on a zero-padded
+        pixel_values (`torch.FloatTensor` of shape `(I, 3, H, W)`): normalised BGR x255 images on a zero-padded
             canvas (see `GLIPImageProcessor`). Padding changes the outputs exactly as in the original (padded pixels
             enter GroupNorm, pooling and fusion statistics), so batch only images that share a canvas when results
             must not depend on batch mates.
-        input_ids (`torch.LongTensor` of shape `(B, T)`): the prompt; T may be anything up to the text encoder's
-            positions (no forced padding to 256).
+        input_ids (`torch.LongTensor` of shape `(B, T)`): the prompt rows; T may be anything up to the text encoder's
+            positions (no forced padding to 256). B = I unless `chunk_to_image` is given.
         attention_mask (`torch.LongTensor` of shape `(B, T)`, *optional*): 1 for real tokens, 0 for padding.
         token_type_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): BERT segment ids (zeros).
-        pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels; gives `image_sizes`.
+        pixel_mask (`torch.LongTensor` of shape `(I, H, W)`, *optional*): 1 on real pixels; gives `image_sizes`.
+        chunk_to_image (`torch.LongTensor` of shape `(B,)`, *optional*): the image of each prompt row, when an image
+            has several rows (a vocabulary split into prompt chunks by `GLIPProcessor`): the backbone and FPN run once
+            per image and every row reads its image's features. Outputs are per prompt row.
         labels (`list[dict]`, *optional*): per image `boxes` (M, 4) normalised (cx, cy, w, h) relative to the unpadded
             image and `positive_map` (M, T) 0/1 (the tokens of each box's phrase). Returns `loss` and `loss_dict`.
         output_hidden_states (`bool`, *optional*): also return backbone, vision and text hidden states.
         text_encoder_hidden_state (`torch.FloatTensor` of shape `(B, T, D)`, *optional*): `get_text_features` of this
             batch's prompts, computed once for a fixed vocabulary; the text encoder is then skipped.
         processor_outputs: the `GLIPProcessor` keys that are not model inputs (`positive_map`, `label_ids`,
-            `chunk_to_image`, `text_labels`) are accepted so that `model(**inputs)` works; anything else is an error.
+            `text_labels`) are accepted so that `model(**inputs)` works; anything else is an error.
         """
         unknown = set(processor_outputs) - PROCESSOR_ONLY_KEYS
         if unknown:
             raise TypeError(f"GLIPModel.forward got unexpected arguments {sorted(unknown)}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, text_encoder_hidden_state)
+        self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state)
         if labels is not None:
-            self._validate_labels(labels, pixel_values.shape[0], input_ids.shape[1])
+            self._validate_labels(labels, input_ids.shape[0], input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixel_values = pixel_values.to(self.dtype)
         image_sizes = self.image_sizes_from_mask(pixel_values, pixel_mask)
-        batch_size = pixel_values.shape[0]
+        if chunk_to_image is not None:
+            image_sizes = image_sizes.index_select(0, chunk_to_image)
+        batch_size = input_ids.shape[0]
 
-        backbone_maps, pyramid = self._pyramid(pixel_values)
+        backbone_maps, pyramid = self._pyramid(pixel_values, chunk_to_image)
         if text_encoder_hidden_state is None:
             text = self.get_text_features(input_ids, attention_mask, token_type_ids)
         else:

@@ -95,7 +95,7 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
 
     def _forward(self, model_inputs):
         encoded = model_inputs["encoded"]
-        model_keys = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
+        model_keys = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "chunk_to_image")
         outputs = self.model(**{key: encoded[key] for key in model_keys if key in encoded})
         return {"outputs": outputs, **model_inputs}
 

@@ -42,11 +42,11 @@ class GLIPProcessor(ProcessorMixin):
       [start, end) characters); for a batch, `text=[caption, ...]` with `phrases=[[...], ...]`.
 
     The batch has one row per prompt chunk (R rows, R = number of images without chunking), padded to the longest row.
-    Returned keys: `input_ids`, `attention_mask`, `token_type_ids` (R, T); `pixel_values` (R, 3, H, W) and
-    `pixel_mask` (R, H, W), the image of each row; `positive_map` (R, L, T) 0/1 label -> token map of each row
-    (L = most labels in a row, padding labels all zero); `label_ids` (R, L) global label id (0-based index into the
-    image's names) of each row-local label, -1 for padding; `chunk_to_image` (R,) image index of each row;
-    `text_labels` list (per image) of its names, indexed by global label id.
+    Returned keys: `input_ids`, `attention_mask`, `token_type_ids` (R, T); `pixel_values` (I, 3, H, W) and
+    `pixel_mask` (I, H, W), each image once; `chunk_to_image` (R,) image index of each row (a model input: the
+    backbone runs once per image); `positive_map` (R, L, T) 0/1 label -> token map of each row (L = most labels in a
+    row, padding labels all zero); `label_ids` (R, L) global label id (0-based index into the image's names) of each
+    row-local label, -1 for padding; `text_labels` list (per image) of its names, indexed by global label id.
 
     Args:
         image_processor: a `GLIPImageProcessor`.
@@ -164,9 +164,6 @@ class GLIPProcessor(ProcessorMixin):
             data.update(self._encode(rows))
             data["chunk_to_image"] = torch.tensor([image for image, entry in enumerate(image_entries) for _ in entry], dtype=torch.long)
             data["text_labels"] = [[name for row in entry for name in row.names] for entry in image_entries]
-            if images is not None:
-                data["pixel_values"] = data["pixel_values"][data["chunk_to_image"]]
-                data["pixel_mask"] = data["pixel_mask"][data["chunk_to_image"]]
         return BatchFeature(data=data)
 
     def post_process_grounded_object_detection(

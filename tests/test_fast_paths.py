@@ -201,24 +201,34 @@ def test_precomputed_text_features_of_the_wrong_shape_are_a_clear_error(tiny_mod
         tiny_model.get_text_features(inputs["input_ids"][0])
 
 
-def test_repeated_images_share_one_backbone_pass(tiny_model):
-    """Chunked vocabulary: rows 0-2 are one image with three prompts, row 3 another image."""
+def test_chunked_rows_share_one_backbone_pass(tiny_model):
+    """Chunked vocabulary: rows 0-2 are prompts of the first image, row 3 of the second (`chunk_to_image`)."""
     first, second = make_inputs(seed=1), make_inputs(seed=2)
-    pixel_values = torch.cat([first["pixel_values"]] * 3 + [second["pixel_values"]])
+    pixel_values = torch.cat([first["pixel_values"], second["pixel_values"]])
     input_ids = torch.randint(5, 120, (4, 7), generator=torch.Generator().manual_seed(3))
+    chunk_to_image = torch.tensor([0, 0, 0, 1])
     calls = []
     hook = tiny_model.backbone.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            batched = tiny_model(pixel_values, input_ids)
+            batched = tiny_model(pixel_values, input_ids, chunk_to_image=chunk_to_image)
     finally:
         hook.remove()
-    assert calls == [2]
+    assert calls == [2] and batched.logits.shape[0] == 4
     with torch.no_grad():
-        for row in range(4):
-            alone = tiny_model(pixel_values[row : row + 1], input_ids[row : row + 1])
+        for row, image in enumerate(chunk_to_image.tolist()):
+            alone = tiny_model(pixel_values[image : image + 1], input_ids[row : row + 1])
             assert (batched.logits[row] - alone.logits[0]).abs().max() < ATOL
             assert (batched.pred_boxes[row] - alone.pred_boxes[0]).abs().max() < ATOL
+
+
+def test_chunk_to_image_is_validated(tiny_model):
+    inputs = make_inputs(batch=2)
+    with pytest.raises(ValueError, match="Batch size mismatch"):
+        tiny_model(inputs["pixel_values"][:1], inputs["input_ids"])
+    for bad, message in ((torch.tensor([0]), "shape \\(2,\\)"), (torch.tensor([0.0, 1.0]), "integer tensor"), (torch.tensor([0, 2]), "outside 0..1")):
+        with pytest.raises(ValueError, match=message):
+            tiny_model(inputs["pixel_values"], inputs["input_ids"], chunk_to_image=bad)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])

@@ -204,7 +204,7 @@ def test_bad_input_is_a_clear_value_error(model, change, message):
 def test_processor_metadata_keys_are_accepted_and_typos_are_not(model):
     inputs = make_inputs()
     with torch.no_grad():
-        model(**inputs, positive_map=torch.zeros(1, 2, 7), label_ids=torch.zeros(1, 2), chunk_to_image=torch.zeros(1), text_labels=[["a", "b"]])
+        model(**inputs, positive_map=torch.zeros(1, 2, 7), label_ids=torch.zeros(1, 2), text_labels=[["a", "b"]])
     with pytest.raises(TypeError, match="output_hiden_states"):
         model(**inputs, output_hiden_states=True)
 
