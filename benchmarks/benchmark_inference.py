@@ -220,7 +220,7 @@ def run_fixed_vocabulary(args):
     images = make_images(args.fixed_vocab_images, seed=1)
     start = time.perf_counter()
     with torch.no_grad():
-        text_features = model.get_text_features(vocabulary["input_ids"], vocabulary["attention_mask"], vocabulary["token_type_ids"])
+        text_features = model.get_text_features(vocabulary["input_ids"], vocabulary["attention_mask"], vocabulary["token_type_ids"]).last_hidden_state
         num_detections = 0
         for first in range(0, len(images), args.batch):
             batch_images = images[first : first + args.batch]

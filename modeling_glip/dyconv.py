@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
+from transformers.utils.import_utils import is_torchdynamo_compiling
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -83,8 +84,8 @@ def modulated_deform_conv2d(
 
     x (B, C, H, W), offset (B, 2K, Ho, Wo), mask (B, K, Ho, Wo), weight (O, C, kh, kw), bias (O,) or None
     -> (B, O, Ho, Wo), channels-last in memory. Each tap's masked bilinear sample is a weighted sum of 4 rows of
-    the channels-last input framed by zeros, ((H + 2) * (W + 2), C); one `embedding_bag` builds the
-    (Ho * Wo, K * C) columns of an image and one matrix product with the (K * C, O) weights finishes it
+    the channels-last input framed by zeros, ((H + 2) * (W + 2), C) per image; one `embedding_bag` builds the
+    (B * Ho * Wo, K * C) columns of the batch and one matrix product with the (K * C, O) weights finishes it
     (torchvision's CPU kernel samples channel by channel).
     """
     batch, channels, height, width = x.shape
@@ -96,17 +97,23 @@ def modulated_deform_conv2d(
             f"one offset / weight group supported: offset {tuple(offset.shape)}, mask {tuple(mask.shape)}, "
             f"weight {tuple(weight.shape)} for input {tuple(x.shape)}"
         )
+    if not is_torchdynamo_compiling() and not bool(torch.isfinite(offset).all()):
+        # NaN / inf coordinates would become garbage tap indices (an IndexError deep in embedding_bag)
+        raise ValueError(
+            "The deformable convolution got non-finite offsets: the model's weights or activations are NaN / inf "
+            "(a damaged checkpoint, a diverged training step or a half-precision overflow)."
+        )
     indices, tap_weights = _bilinear_taps(offset, mask, (height, width), (kernel_h, kernel_w), stride, padding, dilation)
+    framed = (height + 2) * (width + 2)
     pixels = x.new_zeros(batch, height + 2, width + 2, channels)
     pixels[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
-    pixels = pixels.view(batch, -1, channels)
+    # one table of every image's framed pixels; each image's bags index its own rows
+    indices = indices + torch.arange(batch, device=indices.device)[:, None, None] * framed
+    columns = F.embedding_bag(indices.flatten(0, 1), pixels.view(batch * framed, channels), per_sample_weights=tap_weights.flatten(0, 1), mode="sum")
+    columns = columns.view(batch * out_h * out_w, taps * channels)
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, taps * channels)  # columns ordered (tap, channel)
-    outputs = []
-    for image in range(batch):
-        columns = F.embedding_bag(indices[image], pixels[image], per_sample_weights=tap_weights[image], mode="sum")
-        columns = columns.view(out_h * out_w, taps * channels)
-        outputs.append(columns @ kernel.T if bias is None else torch.addmm(bias, columns, kernel.T))
-    return torch.stack(outputs).view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    out = columns @ kernel.T if bias is None else torch.addmm(bias, columns, kernel.T)
+    return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
 
 class ModulatedDeformConv2d(DeformConv2d):

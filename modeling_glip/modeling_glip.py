@@ -18,9 +18,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from transformers import AttentionInterface, AutoBackbone, BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.image_transforms import center_to_corners_format, corners_to_center_format
-from transformers.models.bert.modeling_bert import BertLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
 from transformers.utils import ModelOutput
 from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .anchor_generator import ATSSAnchorGenerator, cell_anchors_per_level
 from .box_coder import BoxCoder
@@ -51,8 +53,9 @@ AttentionInterface.register(CLAMPED_ATTENTION, clamped_eager_attention_forward)
 @dataclass
 class GLIPObjectDetectionOutput(ModelOutput):
     r"""
-    Output of [`GLIPModel`]. N = number of anchors over P3..P7 (each level row-major (h, w), one anchor per location
-    for the released models), T = prompt length (never padded to 256 by the model).
+    Output of [`GLIPModel`]. B = prompt rows, N = number of anchors over P3..P7 (each level row-major (h, w), one anchor
+    per location for the released models), T = prompt length (never padded to 256 by the model), C = `hidden_size`,
+    D = text width, L = `num_fusion_layers`.
 
     loss (`torch.FloatTensor`, *optional*): sum of `loss_dict`, when `labels` are given.
     loss_dict (`dict[str, torch.FloatTensor]`, *optional*): `loss_reg`, `loss_centerness`, `loss_dot_product_token`.
@@ -66,14 +69,32 @@ class GLIPObjectDetectionOutput(ModelOutput):
     anchors (`torch.FloatTensor` of shape `(B, N, 4)`): xyxy anchors in canvas pixels (the same for every image; an
         expanded view, batched so that pipelines can split outputs per image).
     spatial_shapes (`torch.LongTensor` of shape `(B, 5, 2)`): (h, w) of P3..P7 (the same for every image).
-    image_sizes (`torch.LongTensor` of shape `(B, 2)`): unpadded (h, w) of each image (from `pixel_mask`).
+    image_sizes (`torch.LongTensor` of shape `(B, 2)`): unpadded (h, w) of each row's image (from `pixel_mask`).
     input_ids, attention_mask (`torch.LongTensor` of shape `(B, T)`): the prompt, for post-processing.
     text_hidden_state (`torch.FloatTensor` of shape `(B, T, D)`): the fused text features after the last layer.
-    backbone_feature_maps (`tuple[torch.FloatTensor]`, *optional*): backbone outputs fed to the FPN (C3, C4, C5).
-    vision_hidden_states (`tuple[tuple[torch.FloatTensor]]`, *optional*): the five level maps after the FPN, then
-        after each tower module that changes them (VLFuse, DyConv of layer 0, VLFuse, DyConv of layer 1, ...).
-    text_hidden_states (`tuple[torch.FloatTensor]`, *optional*): the text encoder output, then the text after each
-        tower module that changes it (VLFuse, BERT layer of layer 0, ...).
+
+    With `output_hidden_states=True`:
+
+    backbone_feature_maps (`tuple[torch.FloatTensor]`): the backbone outputs fed to the FPN (C3, C4, C5), each
+        `(B, C_l, H_l, W_l)`.
+    vision_hidden_states (`tuple[torch.FloatTensor]`): 2L + 1 tensors of shape `(B, N, C)`, the image tokens of all
+        five levels flattened (row-major per level, P3 first, the order of `logits`): the FPN output, then after the
+        VLFuse and after the DyConv of each layer. `vision_levels(state)` splits one back into five `(B, C, H_l, W_l)`
+        maps.
+    text_hidden_states (`tuple[torch.FloatTensor]`): 2L + 1 tensors of shape `(B, T, D)`: the text encoder output
+        (what the tower receives), then after the VLFuse and after the BERT layer of each layer.
+
+    With `output_attentions=True` (probabilities after dropout, as transformers returns them):
+
+    backbone_attentions (`tuple[torch.FloatTensor]`): the vision backbone's attentions, as its own model returns
+        them (Swin: the last block of each stage, `(I * windows, heads, window_area, window_area)` per image I).
+    text_encoder_attentions (`tuple[torch.FloatTensor]`): L_text tensors `(B, heads, T, T)` of the text encoder
+        (empty unless the text encoder runs with `attn_implementation="eager"`: sdpa does not expose them).
+    vision_to_text_attentions (`tuple[torch.FloatTensor]`): L tensors `(B, fusion_heads, N, T)`, each image position's
+        attention over the words in the fusion layers.
+    text_to_vision_attentions (`tuple[torch.FloatTensor]`): L tensors `(B, fusion_heads, T, N)`, each word's attention
+        over the image positions (a softmax over N; padded words attend too, as in the original).
+    text_attentions (`tuple[torch.FloatTensor]`): L tensors `(B, heads, T, T)` of the head's BERT layers.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -89,8 +110,28 @@ class GLIPObjectDetectionOutput(ModelOutput):
     attention_mask: Optional[torch.LongTensor] = None
     text_hidden_state: Optional[torch.FloatTensor] = None
     backbone_feature_maps: Optional[Tuple[torch.FloatTensor, ...]] = None
-    vision_hidden_states: Optional[Tuple[Tuple[torch.FloatTensor, ...], ...]] = None
+    vision_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
     text_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    backbone_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    text_encoder_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    vision_to_text_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    text_to_vision_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+    text_attentions: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+    def vision_levels(self, state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """One `(B, N, C)` entry of `vision_hidden_states` -> its five level maps `(B, C, H_l, W_l)` (views)."""
+        return unflatten_levels(state, [tuple(shape) for shape in self.spatial_shapes[0].tolist()])
+
+
+def flatten_levels(maps: List[torch.Tensor]) -> torch.Tensor:
+    """Per-level maps (B, C, H_l, W_l) -> one (B, N, C) token tensor, row-major per level, finest level first."""
+    return torch.cat([feature.permute(0, 2, 3, 1).flatten(1, 2) for feature in maps], dim=1)
+
+
+def unflatten_levels(tokens: torch.Tensor, shapes: List[Tuple[int, int]]) -> Tuple[torch.Tensor, ...]:
+    """(B, N, C) tokens -> per-level (B, C, H_l, W_l) maps, views that are channels-last in memory."""
+    sizes = [h * w for h, w in shapes]
+    return tuple(level.unflatten(1, tuple(shape)).permute(0, 3, 1, 2) for level, shape in zip(tokens.split(sizes, dim=1), shapes))
 
 
 class GLIPFeaturePyramidNetwork(FeaturePyramidNetwork):
@@ -119,19 +160,13 @@ class GLIPFusionLayer(nn.Module):
         self.text_layer = BertLayer(text_layer_config)
         self.dyconv = DyConv(config)
 
-    def forward(self, vision: List[torch.Tensor], text: torch.Tensor, text_attention_mask: torch.Tensor, extended_mask: torch.Tensor):
-        """vision: 5 maps (B, C, H_l, W_l); text (B, T, D) -> (vision after VLFuse, text after VLFuse, text, vision)."""
-        shapes = [feature.shape[-2:] for feature in vision]
-        # (B, N, C) tokens, row-major (h, w) per level, P3 first; a view per level for channels-last maps
-        flat = torch.cat([feature.permute(0, 2, 3, 1).flatten(1, 2) for feature in vision], dim=1)
-        flat, text = self.vl_fuse(flat, text, text_attention_mask)
-        sizes = [h * w for h, w in shapes]
-        # back to (B, C, H, W) maps that stay channels-last in memory (what the deformable convs read)
-        fused_vision = [level.unflatten(1, tuple(shape)).permute(0, 3, 1, 2) for level, shape in zip(flat.split(sizes, dim=1), shapes)]
-        fused_text = text
+    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_attention_mask: torch.Tensor, extended_mask: torch.Tensor, shapes: List[Tuple[int, int]]):
+        """vision (B, N, C) tokens of the levels of `shapes`, text (B, T, D) -> the same after this layer."""
+        vision, text = self.vl_fuse(vision, text, text_attention_mask)
         text = self.text_layer(text, extended_mask)
-        vision = self.dyconv(fused_vision)
-        return fused_vision, fused_text, text, vision
+        # the deformable convolutions read each level as a channels-last view of the fused tokens
+        vision = flatten_levels(self.dyconv(list(unflatten_levels(vision, shapes))))
+        return vision, text
 
 
 class GLIPHead(nn.Module):
@@ -155,43 +190,34 @@ class GLIPHead(nn.Module):
         self.bias_lang = nn.Parameter(torch.zeros(text_dim))
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - config.prior_prob) / config.prior_prob)]))
 
-    def forward(self, vision: List[torch.Tensor], text: torch.Tensor, text_attention_mask: torch.Tensor, output_hidden_states: bool = False):
-        """vision: 5 FPN maps (B, C, H_l, W_l); text (B, T, D) unmasked BERT output; text_attention_mask (B, T).
+    def forward(self, tokens: torch.Tensor, shapes: List[Tuple[int, int]], text: torch.Tensor, text_attention_mask: torch.Tensor):
+        """tokens (B, N, C): the FPN levels of (h, w) `shapes` flattened (`flatten_levels`); text (B, T, D) unmasked
+        text encoder output; text_attention_mask (B, T).
 
-        Returns (logits (B, N, T), box_regression (B, N, 4), centerness (B, N), final text (B, T, D),
-        vision hidden states, text hidden states).
+        Returns logits (B, N, T), box_regression (B, N, 4), centerness (B, N), the final text (B, T, D); the states
+        after each tower module are recorded by `GLIPModel`'s output recorders.
         """
         # HF extended mask: 0 for valid tokens, dtype-min for padded ones (5.3)
         extended_mask = (1.0 - text_attention_mask[:, None, None, :].to(text.dtype)) * torch.finfo(text.dtype).min
-        vision_states, text_states = [tuple(vision)], [text]
         for layer in self.layers:
-            fused_vision, fused_text, text, vision = layer(vision, text, text_attention_mask, extended_mask)
-            if output_hidden_states:
-                vision_states += [tuple(fused_vision), tuple(vision)]
-                text_states += [fused_text, text]
+            tokens, text = layer(tokens, text, text_attention_mask, extended_mask, shapes)
+
+        # 1x1 convolutions of all levels at once: the tokens as a (B, C, N, 1) channels-last map
+        column = tokens.transpose(1, 2)[..., None]
+        deltas = self.bbox_pred(column)[..., 0].transpose(1, 2)  # (B, N, 4A)
+        sizes = [h * w for h, w in shapes]
+        box_regression = torch.cat([level * self.scales[index] for index, level in enumerate(deltas.split(sizes, dim=1))], dim=1)
+        centerness = self.centerness(column)[:, :, :, 0].transpose(1, 2)  # (B, N, A)
 
         # region-word alignment on the fused text (USE_FUSED_FEATURES_DOT_PRODUCT; quirk 11.7)
         embedding = F.normalize(text, p=2, dim=-1)
         proj_tokens = self.dot_product_projection_text(embedding / 2.0)  # (B, T, A*C)
         token_bias = torch.matmul(embedding, self.bias_lang) + self.bias0  # (B, T)
-
-        logits, box_regression, centerness = [], [], []
-        for level, feature in enumerate(vision):
-            batch = feature.shape[0]
-            deltas = self.bbox_pred(feature) * self.scales[level]  # (B, 4A, H, W)
-            box_regression.append(deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4))
-            centerness.append(self.centerness(feature).permute(0, 2, 3, 1).reshape(batch, -1))
-            queries = feature.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, C), not normalised (quirk 11.7)
-            level_logits = torch.matmul(queries, proj_tokens.transpose(-1, -2)) / self.log_scale.exp() + token_bias[:, None, :]
-            logits.append(level_logits.clamp(-self.clamp_value, self.clamp_value))  # quirk 11.6
-        return (
-            torch.cat(logits, dim=1),
-            torch.cat(box_regression, dim=1),
-            torch.cat(centerness, dim=1),
-            text,
-            tuple(vision_states) if output_hidden_states else None,
-            tuple(text_states) if output_hidden_states else None,
-        )
+        # image tokens are not normalised (quirk 11.7)
+        logits = torch.matmul(tokens, proj_tokens.transpose(-1, -2)) / self.log_scale.exp() + token_bias[:, None, :]
+        logits = logits.clamp(-self.clamp_value, self.clamp_value)  # quirk 11.6
+        batch = tokens.shape[0]
+        return logits, box_regression.reshape(batch, -1, 4), centerness.reshape(batch, -1), text
 
 
 class GLIPPreTrainedModel(PreTrainedModel):
@@ -203,7 +229,36 @@ class GLIPPreTrainedModel(PreTrainedModel):
     # sdpa / flash only concern the BERT text encoder; the fusion and head text layers keep GLIP's clamped attention
     _supports_sdpa = True
     _supports_flash_attn = False
+    # the backbone's and text encoder's own `_no_split_modules` (SwinStage, BertLayer, ...) are collected as well
     _no_split_modules = ["GLIPFusionLayer"]
+    # states and attentions of the fusion tower, recorded by hooks on the modules that return them (the initial
+    # states and the backbone / text-encoder attentions are added by `GLIPModel.forward`)
+    _can_record_outputs = {
+        "vision_hidden_states": [OutputRecorder(VLFuse, index=0), OutputRecorder(GLIPFusionLayer, index=0)],
+        "text_hidden_states": [OutputRecorder(VLFuse, index=1), OutputRecorder(GLIPFusionLayer, index=1)],
+        "vision_to_text_attentions": OutputRecorder(BiMultiHeadAttention, index=2),
+        "text_to_vision_attentions": OutputRecorder(BiMultiHeadAttention, index=3),
+        "text_attentions": OutputRecorder(BertSelfAttention, index=1),
+    }
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then a check that every loaded weight is finite (a damaged file or a
+        diverged training run would otherwise give NaN detections, or fail deep inside the deformable convolutions).
+
+        Raises:
+            ValueError: naming the parameters / buffers that hold NaN or infinite values.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise ValueError(
+                f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} holds NaN or infinite values in "
+                f"{len(bad)} tensors ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the file is damaged or the training "
+                "run that wrote it diverged."
+            )
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # remote code: let plain AutoModel resolve the class too
@@ -307,11 +362,42 @@ class GLIPModel(GLIPPreTrainedModel):
         )
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The text encoder's word embeddings (`resize_token_embeddings` adds tokens there)."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.text_model.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # input validation: shapes and dtypes always (they are static under torch.export / torch.compile); values only in
+    # eager mode, where a data-dependent check cannot block tracing
+    # ------------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_tensor(name: str, value, floating: bool):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
+        if floating != value.is_floating_point():
+            kind = "a floating-point" if floating else "an integer (or bool)"
+            raise TypeError(f"`{name}` must be {kind} tensor, got dtype {value.dtype}.")
+
+    @staticmethod
+    def _check_finite(name: str, value: torch.Tensor):
+        if not is_torchdynamo_compiling() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` contains NaN or infinite values ({int((~torch.isfinite(value)).sum())} of {value.numel()}).")
+
+    @staticmethod
+    def _check_binary(name: str, value: torch.Tensor):
+        if not is_torchdynamo_compiling() and not bool(((value == 0) | (value == 1)).all()):
+            raise ValueError(f"`{name}` must hold only 0 and 1; got values {value.unique()[:8].tolist()}.")
+
     def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state=None):
         if pixel_values is None or input_ids is None:
             raise ValueError("GLIPModel needs both `pixel_values` (B, 3, H, W) and `input_ids` (B, T).")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"`pixel_values` must have shape (batch, 3, height, width); got {tuple(pixel_values.shape)}.")
+        self._check_tensor("pixel_values", pixel_values, floating=True)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
+            raise ValueError(f"`pixel_values` must have shape (batch, 3, height, width) with a non-empty canvas; got {tuple(pixel_values.shape)}.")
+        self._check_finite("pixel_values", pixel_values)
         self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
         if chunk_to_image is None and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
@@ -319,28 +405,42 @@ class GLIPModel(GLIPPreTrainedModel):
                 "per image, or `chunk_to_image` (the image index of each prompt row) for several prompt rows per image."
             )
         if chunk_to_image is not None:
-            if chunk_to_image.shape != input_ids.shape[:1] or chunk_to_image.is_floating_point():
+            self._check_tensor("chunk_to_image", chunk_to_image, floating=False)
+            if chunk_to_image.shape != input_ids.shape[:1] or chunk_to_image.dtype == torch.bool:
                 raise ValueError(
                     f"`chunk_to_image` must be an integer tensor of shape ({input_ids.shape[0]},), the image index of each "
                     f"prompt row; got {chunk_to_image.dtype} of shape {tuple(chunk_to_image.shape)}."
                 )
             if not is_torchdynamo_compiling() and not bool(((chunk_to_image >= 0) & (chunk_to_image < pixel_values.shape[0])).all()):
                 raise ValueError(f"`chunk_to_image` {chunk_to_image.tolist()} indexes images outside 0..{pixel_values.shape[0] - 1}.")
-        if pixel_mask is not None and pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
-            raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
-        expected = (*input_ids.shape, self.config.text_config.hidden_size)
-        if text_encoder_hidden_state is not None and tuple(text_encoder_hidden_state.shape) != expected:
-            raise ValueError(
-                f"`text_encoder_hidden_state` must have shape (batch, tokens, hidden) = {expected} to match `input_ids`; "
-                f"got {tuple(text_encoder_hidden_state.shape)}. Index or expand the rows of `get_text_features` to the batch."
-            )
+        if pixel_mask is not None:
+            self._check_tensor("pixel_mask", pixel_mask, floating=False)
+            if pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+                raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
+            self._check_binary("pixel_mask", pixel_mask)
+            if not is_torchdynamo_compiling() and not bool(pixel_mask.flatten(1).any(dim=1).all()):
+                empty = (~pixel_mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+                raise ValueError(f"`pixel_mask` marks no image pixel for images {empty}: an empty canvas has no size to predict boxes in.")
+        if text_encoder_hidden_state is not None:
+            self._check_tensor("text_encoder_hidden_state", text_encoder_hidden_state, floating=True)
+            expected = (*input_ids.shape, self.config.text_config.hidden_size)
+            if tuple(text_encoder_hidden_state.shape) != expected:
+                raise ValueError(
+                    f"`text_encoder_hidden_state` must have shape (batch, tokens, hidden) = {expected} to match `input_ids`; "
+                    f"got {tuple(text_encoder_hidden_state.shape)}. Index or expand the rows of `get_text_features` to the batch."
+                )
+            self._check_finite("text_encoder_hidden_state", text_encoder_hidden_state)
 
     def _validate_text_inputs(self, input_ids, attention_mask, token_type_ids):
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, tokens); got {None if input_ids is None else tuple(input_ids.shape)}.")
+        if input_ids is None:
+            raise ValueError("`input_ids` (batch, tokens) are required.")
+        self._check_tensor("input_ids", input_ids, floating=False)
+        if input_ids.dim() != 2 or input_ids.dtype == torch.bool:
+            raise ValueError(f"`input_ids` must be an integer tensor of shape (batch, tokens); got {input_ids.dtype} of shape {tuple(input_ids.shape)}.")
         if input_ids.shape[1] == 0:
             raise ValueError("The prompt is empty: `input_ids` has no tokens.")
-        max_positions = self.config.text_config.max_position_embeddings
+        text_config = self.config.text_config
+        max_positions = text_config.max_position_embeddings
         if self.config.text_prompt_length:
             max_positions = min(max_positions, self.config.text_prompt_length)
         if input_ids.shape[1] > max_positions:
@@ -349,32 +449,51 @@ class GLIPModel(GLIPPreTrainedModel):
                 f"split the class names into chunks (GLIP was trained with at most {self.config.max_text_len})."
             )
         for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if tensor is not None and tensor.shape != input_ids.shape:
-                raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
-        if attention_mask is not None and not is_torchdynamo_compiling() and not bool((attention_mask.sum(dim=1) > 0).all()):
-            raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
+            if tensor is not None:
+                self._check_tensor(name, tensor, floating=False)
+                if tensor.shape != input_ids.shape:
+                    raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
+        if is_torchdynamo_compiling():
+            return
+        for name, tensor, limit in (("input_ids", input_ids, text_config.vocab_size), ("token_type_ids", token_type_ids, text_config.type_vocab_size)):
+            if tensor is not None and not bool(((tensor >= 0) & (tensor < limit)).all()):
+                bad = tensor[(tensor < 0) | (tensor >= limit)].unique()[:8].tolist()
+                raise ValueError(f"`{name}` holds ids {bad} outside the text encoder's range 0..{limit - 1}.")
+        if attention_mask is not None:
+            self._check_binary("attention_mask", attention_mask)
+            if not bool((attention_mask.sum(dim=1) > 0).all()):
+                raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
 
-    @staticmethod
-    def _validate_labels(labels, batch_size: int, num_tokens: int):
+    def _validate_labels(self, labels, batch_size: int, num_tokens: int):
+        if not isinstance(labels, (list, tuple)):
+            raise TypeError(f"`labels` must be a list of dicts (one per prompt row), got {type(labels).__name__}.")
         if len(labels) != batch_size:
-            raise ValueError(f"`labels` has {len(labels)} entries for {batch_size} images.")
+            raise ValueError(f"`labels` has {len(labels)} entries for {batch_size} prompt rows.")
         for index, target in enumerate(labels):
-            if not {"boxes", "positive_map"} <= set(target):
-                raise ValueError(f"`labels[{index}]` needs `boxes` and `positive_map`; got keys {sorted(target)}.")
+            if not isinstance(target, dict) or not {"boxes", "positive_map"} <= set(target):
+                keys = sorted(target) if isinstance(target, dict) else type(target).__name__
+                raise ValueError(f"`labels[{index}]` must be a dict with `boxes` and `positive_map`; got {keys}.")
             boxes, positive_map = target["boxes"], target["positive_map"]
+            self._check_tensor(f"labels[{index}]['boxes']", boxes, floating=True)
+            if not isinstance(positive_map, torch.Tensor):
+                raise TypeError(f"`labels[{index}]['positive_map']` must be a torch.Tensor, got {type(positive_map).__name__}.")
             if boxes.dim() != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"`labels[{index}]['boxes']` must be (num_boxes, 4) normalised cxcywh; got {tuple(boxes.shape)}.")
             if positive_map.shape != (boxes.shape[0], num_tokens):
                 raise ValueError(
                     f"`labels[{index}]['positive_map']` must be (num_boxes, tokens) = {(boxes.shape[0], num_tokens)}; got {tuple(positive_map.shape)}."
                 )
+            self._check_finite(f"labels[{index}]['boxes']", boxes)
+            if not is_torchdynamo_compiling() and not bool((boxes[:, 2:] > 0).all()):
+                raise ValueError(f"`labels[{index}]['boxes']` has boxes of zero or negative width / height: {boxes[(boxes[:, 2:] <= 0).any(1)][:4].tolist()}.")
+            self._check_binary(f"labels[{index}]['positive_map']", positive_map)
 
     @staticmethod
     def image_sizes_from_mask(pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor]) -> torch.LongTensor:
         """(B, 2) unpadded (h, w): the extent of the valid region of `pixel_mask` (the whole canvas without one)."""
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
-            return torch.tensor([[height, width]] * batch, device=pixel_values.device)
+            return torch.tensor([[height, width]], device=pixel_values.device).expand(batch, 2)
         valid = pixel_mask.bool()
         return torch.stack((valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)), dim=1)
 
@@ -383,29 +502,47 @@ class GLIPModel(GLIPPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.LongTensor] = None,
         token_type_ids: Optional[torch.LongTensor] = None,
-    ) -> torch.FloatTensor:
-        """The text encoder output that `forward` feeds to the fusion tower: BERT's last hidden state, padded tokens
-        not zeroed (`hidden` of GLIP's language backbone, section 3), shape (B, T, D).
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        r"""The text features `forward` feeds to the fusion tower, as a `BaseModelOutputWithPooling`:
 
-        For a fixed label set (or the chunks of a long one) compute it once and pass it to every `forward` as
-        `text_encoder_hidden_state` (rows indexed / expanded to each batch): BERT then runs once per chunk for a
-        whole image set instead of once per image.
+        - `last_hidden_state` (B, T, D): the text encoder's last hidden state, padded tokens not zeroed (`hidden` of
+          GLIP's language backbone, section 3), plus the prompt-tuning offsets when the model has them;
+        - `hidden_states` / `attentions`: the text encoder's, when asked for;
+        - `pooler_output`: None (GLIP uses no pooled text feature).
+
+        For a fixed label set (or the chunks of a long one) compute it once and pass `last_hidden_state` (or the whole
+        output) to every `forward` as `text_encoder_hidden_state` (rows indexed / expanded to each batch): BERT then
+        runs once per chunk for a whole image set instead of once per image. With `return_dict=False`, a tuple.
         """
         self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
-        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = self._encode_text(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
+        return output if return_dict else output.to_tuple()
 
-    def _pyramid(self, pixel_values: torch.FloatTensor, chunk_to_image: Optional[torch.LongTensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Backbone maps (C3, C4, C5) and FPN maps (P3..P7) of every prompt row, each (R, C, H, W).
+    def _encode_text(self, input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions) -> BaseModelOutputWithPooling:
+        encoded = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        text = encoded.last_hidden_state
+        if self.text_prompt is not None:
+            text = text + self.text_prompt[: text.shape[1]]  # added before the fusion tower, as the original's VLDyHead
+        return BaseModelOutputWithPooling(last_hidden_state=text, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
-        The backbone and FPN run once per image; with `chunk_to_image` (a chunked vocabulary: several prompt rows per
-        image) each row then takes its image's maps.
-        """
-        backbone_maps = self.backbone(pixel_values).feature_maps[-3:]  # strides 8, 16, 32
+    def _encode_images(self, pixel_values: torch.FloatTensor, output_attentions: bool):
+        """Backbone maps (C3, C4, C5) and FPN maps (P3..P7) of every image, each (I, C, H, W), and the backbone's
+        attentions (None unless asked for)."""
+        backbone_output = self.backbone(pixel_values, output_attentions=True) if output_attentions else self.backbone(pixel_values)
+        backbone_maps = list(backbone_output.feature_maps[-3:])  # strides 8, 16, 32
         pyramid = list(self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(backbone_maps))).values())
-        if chunk_to_image is not None:
-            backbone_maps = [feature.index_select(0, chunk_to_image) for feature in backbone_maps]
-            pyramid = [feature.index_select(0, chunk_to_image) for feature in pyramid]
-        return list(backbone_maps), pyramid
+        return backbone_maps, pyramid, backbone_output.attentions
 
     def forward(
         self,
@@ -416,6 +553,7 @@ class GLIPModel(GLIPPreTrainedModel):
         pixel_mask: Optional[torch.LongTensor] = None,
         chunk_to_image: Optional[torch.LongTensor] = None,
         labels: Optional[List[Dict[str, torch.Tensor]]] = None,
+        output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         text_encoder_hidden_state: Optional[torch.FloatTensor] = None,
@@ -434,11 +572,15 @@ class GLIPModel(GLIPPreTrainedModel):
         chunk_to_image (`torch.LongTensor` of shape `(B,)`, *optional*): the image of each prompt row, when an image
             has several rows (a vocabulary split into prompt chunks by `GLIPProcessor`): the backbone and FPN run once
             per image and every row reads its image's features. Outputs are per prompt row.
-        labels (`list[dict]`, *optional*): per image `boxes` (M, 4) normalised (cx, cy, w, h) relative to the unpadded
-            image and `positive_map` (M, T) 0/1 (the tokens of each box's phrase). Returns `loss` and `loss_dict`.
+        labels (`list[dict]`, *optional*): per prompt row `boxes` (M, 4) normalised (cx, cy, w, h) relative to the
+            unpadded image and `positive_map` (M, T) 0/1 (the tokens of each box's phrase). Returns `loss` and
+            `loss_dict`.
+        output_attentions (`bool`, *optional*): also return the attentions of the backbone, the text encoder, the
+            fusion layers (both directions) and the head's BERT layers (see `GLIPObjectDetectionOutput`).
         output_hidden_states (`bool`, *optional*): also return backbone, vision and text hidden states.
-        text_encoder_hidden_state (`torch.FloatTensor` of shape `(B, T, D)`, *optional*): `get_text_features` of this
-            batch's prompts, computed once for a fixed vocabulary; the text encoder is then skipped.
+        text_encoder_hidden_state (`torch.FloatTensor` of shape `(B, T, D)` or a `get_text_features` output, *optional*):
+            the text features of this batch's prompts, computed once for a fixed vocabulary; the text encoder is then
+            skipped.
         processor_outputs: the `GLIPProcessor` keys that are not model inputs (`positive_map`, `label_ids`,
             `text_labels`) are accepted so that `model(**inputs)` works; anything else is an error.
         """
@@ -446,30 +588,55 @@ class GLIPModel(GLIPPreTrainedModel):
         if unknown:
             raise TypeError(f"GLIPModel.forward got unexpected arguments {sorted(unknown)}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if isinstance(text_encoder_hidden_state, ModelOutput):
+            text_encoder_hidden_state = text_encoder_hidden_state.last_hidden_state
         self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state)
         if labels is not None:
             self._validate_labels(labels, input_ids.shape[0], input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+
         pixel_values = pixel_values.to(self.dtype)
         image_sizes = self.image_sizes_from_mask(pixel_values, pixel_mask)
-        if chunk_to_image is not None:
+        backbone_maps, pyramid, backbone_attentions = self._encode_images(pixel_values, output_attentions)
+        if chunk_to_image is not None:  # each prompt row reads its image's features
             image_sizes = image_sizes.index_select(0, chunk_to_image)
-        batch_size = input_ids.shape[0]
+            backbone_maps = [feature.index_select(0, chunk_to_image) for feature in backbone_maps]
+            pyramid = [feature.index_select(0, chunk_to_image) for feature in pyramid]
 
-        backbone_maps, pyramid = self._pyramid(pixel_values, chunk_to_image)
+        text_encoder_attentions = None
         if text_encoder_hidden_state is None:
-            text = self.get_text_features(input_ids, attention_mask, token_type_ids)
+            text_features = self._encode_text(input_ids, attention_mask, token_type_ids, output_hidden_states=False, output_attentions=output_attentions)
+            text, text_encoder_attentions = text_features.last_hidden_state, text_features.attentions
         else:
             text = text_encoder_hidden_state.to(self.dtype)
-        if self.text_prompt is not None:
-            text = text + self.text_prompt[: text.shape[1]]  # added before the fusion tower, as the original's VLDyHead
 
-        logits, box_regression, centerness, text, vision_states, text_states = self.head(pyramid, text, attention_mask, output_hidden_states)
+        tokens = flatten_levels(pyramid)  # (B, N, C)
+        shapes = [tuple(feature.shape[-2:]) for feature in pyramid]
+        recording = {f"output_{key}": output_attentions if key.endswith("attentions") else output_hidden_states for key in self._can_record_outputs}
+        fused = self._fuse_and_predict(tokens, shapes, text, attention_mask, image_sizes, input_ids, labels, return_dict=True, **recording)
 
-        spatial_shapes = [feature.shape[-2:] for feature in pyramid]
-        anchors = self.anchor_generator(spatial_shapes)
+        extra = {}
+        if output_hidden_states:
+            extra["backbone_feature_maps"] = tuple(backbone_maps)
+            extra["vision_hidden_states"] = (tokens, *fused.vision_hidden_states)
+            extra["text_hidden_states"] = (text, *fused.text_hidden_states)
+        if output_attentions:
+            extra["backbone_attentions"] = tuple(backbone_attentions or ())
+            extra["text_encoder_attentions"] = tuple(text_encoder_attentions or ())
+        output = GLIPObjectDetectionOutput(**{**fused, **extra})
+        return output if return_dict else output.to_tuple()
+
+    @capture_outputs
+    def _fuse_and_predict(self, tokens, shapes, text, attention_mask, image_sizes, input_ids, labels, **recording_flags) -> GLIPObjectDetectionOutput:
+        """The fusion tower and the predictions from the encoded image tokens (B, N, C) and text (B, T, D); the tower's
+        states and attentions are recorded by `capture_outputs` (`_can_record_outputs`) when `recording_flags` ask."""
+        logits, box_regression, centerness, text_out = self.head(tokens, shapes, text, attention_mask)
+        batch_size = logits.shape[0]
+
+        anchors = self.anchor_generator(shapes)
         boxes_xyxy = self.box_coder.decode(box_regression, anchors[None])  # (B, N, 4) legacy pixels
         scale = image_sizes.flip(-1).repeat(1, 2).to(boxes_xyxy.dtype)[:, None, :]  # (B, 1, 4) = (w, h, w, h)
         pred_boxes = corners_to_center_format(boxes_xyxy) / scale
@@ -482,11 +649,11 @@ class GLIPModel(GLIPPreTrainedModel):
             ]
             # the original computes its losses in float32 under AMP (custom_fwd(cast_inputs=float32))
             loss_dict = self.criterion(
-                logits.float(), box_regression.float(), centerness.float(), anchors, [h * w for h, w in spatial_shapes], attention_mask, targets
+                logits.float(), box_regression.float(), centerness.float(), anchors, [h * w for h, w in shapes], attention_mask, targets
             )
             loss = sum(loss_dict.values())
 
-        output = GLIPObjectDetectionOutput(
+        return GLIPObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
             logits=logits,
@@ -494,16 +661,12 @@ class GLIPModel(GLIPPreTrainedModel):
             centerness=centerness,
             box_regression=box_regression,
             anchors=anchors.expand(batch_size, -1, -1),
-            spatial_shapes=torch.tensor([list(s) for s in spatial_shapes], device=logits.device).expand(batch_size, -1, -1),
+            spatial_shapes=torch.tensor([list(shape) for shape in shapes], device=logits.device).expand(batch_size, -1, -1),
             image_sizes=image_sizes,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            text_hidden_state=text,
-            backbone_feature_maps=tuple(backbone_maps) if output_hidden_states else None,
-            vision_hidden_states=vision_states,
-            text_hidden_states=text_states,
+            text_hidden_state=text_out,
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = ["GLIPModel", "GLIPPreTrainedModel", "GLIPObjectDetectionOutput"]

@@ -2,7 +2,15 @@
 
 Section 5.2 of glip_architecture.md. Visual tokens are all five pyramid levels flattened (row-major h, w) and
 concatenated (P3 first); both directions share one clamped score matrix.
+
+The attention is computed in a re-associated form that never builds the (B, heads, N, head_dim) query / value tensors
+of the image side (N is ~22k positions for an 800x1333 image). The three image-side projections are therefore used
+through their transposes; each is a `nn.Linear` subclass whose own `forward` does that algebra, so that every weight is
+read inside the forward of the module that owns it (what Accelerate's offload hooks and `device_map` rely on) and the
+checkpoint keys stay the original's (`v_proj`, `values_v_proj`, `out_v_proj`).
 """
+
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import DropPath
@@ -13,6 +21,60 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 TEXT_MASK_FILL = -9e15
 # exp(-x) is 0 in every floating dtype (float64 included) for x above ~745: the text->image softmax relies on it.
 MIN_CLAMP_VALUE = 1000.0
+
+
+class HeadwiseLinear(nn.Linear):
+    """A `nn.Linear` between a feature space and `num_heads` concatenated head spaces of `head_dim` each."""
+
+    def __init__(self, in_features: int, out_features: int, num_heads: int):
+        super().__init__(in_features, out_features)
+        self.num_heads = num_heads
+
+
+class FoldedQueryProjection(HeadwiseLinear):
+    """The image query projection q = v W_q^T + b_q (C -> heads * d), folded into each head's keys.
+
+    Per head h, q_h . k = v . (W_q,h^T k) + b_q,h . k: the scores of N image positions against T words are one
+    (N, C) x (C, heads * T) product with the returned key-side matrix, and no (N, heads * d) query tensor is formed.
+    """
+
+    def forward(self, key: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """key (B, T, heads, d) -> scale * (W_q,h^T k_t) as (B, heads * T, C) and scale * (b_q,h . k_t) as (B, heads * T)."""
+        batch, num_tokens, heads, head_dim = key.shape
+        weight = self.weight.view(heads, head_dim, self.in_features)
+        score_weight = torch.einsum("bthd,hdc->bhtc", key, weight).reshape(batch, heads * num_tokens, self.in_features)
+        score_bias = torch.einsum("bthd,hd->bht", key, self.bias.view(heads, head_dim)).reshape(batch, heads * num_tokens)
+        return score_weight * scale, score_bias * scale
+
+
+class FoldedOutputProjection(HeadwiseLinear):
+    """The image-side output projection (heads * d -> C) applied to the attention over words.
+
+    out = concat_h(P_h V_h) W_o^T + b_o = sum_h P_h (V_h W_o,h^T) + b_o: each head's word values are projected first
+    (heads * T rows), then one (N, heads * T) x (heads * T, C) product per image sums heads and words at once.
+    """
+
+    def forward(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """probs (B, N, heads * T) attention of image positions over (head, word); values (B, T, heads, d) -> (B, N, C)."""
+        batch, num_tokens, heads, head_dim = values.shape
+        weight = self.weight.view(self.out_features, heads, head_dim)
+        projected = torch.einsum("bthd,chd->bhtc", values, weight).reshape(batch, heads * num_tokens, self.out_features)
+        return torch.baddbmm(self.bias, probs, projected)
+
+
+class FoldedValueProjection(HeadwiseLinear):
+    """The image value projection (C -> heads * d) applied after the words' attention over image positions.
+
+    P'_h (v W_v,h^T + b_v,h) = (P'_h v) W_v,h^T + (P'_h 1) b_v,h: the attention first averages the (N, C) image
+    features per (head, word), so no (N, heads * d) value tensor is formed.
+    """
+
+    def forward(self, attended: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """attended (B, heads, T, C) = P'_h v; mass (B, heads, T) = P'_h 1 (ones unless dropout) -> (B, T, heads * d)."""
+        heads = self.num_heads
+        weight = self.weight.view(heads, -1, self.in_features)
+        values = torch.einsum("bhtc,hdc->bthd", attended, weight) + torch.einsum("bht,hd->bthd", mass, self.bias.view(heads, -1))
+        return values.flatten(2)
 
 
 class BiMultiHeadAttention(nn.Module):
@@ -33,68 +95,55 @@ class BiMultiHeadAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.dropout = dropout
         self.clamp_value = clamp_value
-        self.v_proj = nn.Linear(vision_dim, embed_dim)
+        self.v_proj = FoldedQueryProjection(vision_dim, embed_dim, num_heads)
         self.l_proj = nn.Linear(text_dim, embed_dim)
-        self.values_v_proj = nn.Linear(vision_dim, embed_dim)
+        self.values_v_proj = FoldedValueProjection(vision_dim, embed_dim, num_heads)
         self.values_l_proj = nn.Linear(text_dim, embed_dim)
-        self.out_v_proj = nn.Linear(embed_dim, vision_dim)
+        self.out_v_proj = FoldedOutputProjection(embed_dim, vision_dim, num_heads)
         self.out_l_proj = nn.Linear(embed_dim, text_dim)
 
     def forward(self, vision: torch.Tensor, text: torch.Tensor, text_attention_mask: torch.Tensor):
-        """vision (B, N, C), text (B, T, D), text_attention_mask (B, T) 0/1 -> (delta_vision (B, N, C), delta_text (B, T, D)).
+        """vision (B, N, C), text (B, T, D), text_attention_mask (B, T) 0/1 ->
 
-        Same function as the original's per-head form (section 5.2), with the products re-associated so that no
-        (B, heads, N, head_dim) tensor is ever formed. With q_h = (v Wq_h^T + bq_h) * s, k_h = l Wk_h^T + bk_h, ...:
-          scores_h = q_h k_h^T = v (s k_h Wq_h)^T + s k_h bq_h            -> one (N, C) x (C, heads*T) product
-          out_v    = sum_h P_h (vl_h Wo_h^T) + bo                         -> one (N, heads*T) x (heads*T, C) product
-          P'_h vv_h = (P'_h v) Wvv_h^T + (P'_h 1) bvv_h                     -> one (heads*T, N) x (N, C) product
-        The scores of all heads sit side by side in one (N, heads*T) matrix per image, which both softmax directions
-        read in place; images are processed one at a time so the score buffers stay at one image's size.
+        delta_vision (B, N, C), delta_text (B, T, D), and the two attention maps that produced them:
+        image -> text probabilities (B, heads, N, T) (each image position over the words) and text -> image
+        probabilities (B, heads, T, N) (each word over the image positions). Both maps are views of tensors the
+        computation needs anyway; they are recorded only when `output_attentions=True` asks for them.
+
+        Same function as the original's per-head form (section 5.2); see the projection classes for the algebra.
+        The scores of all heads sit side by side in one (N, heads * T) matrix per image, which both softmax
+        directions read.
         """
         batch, num_tokens = text.shape[:2]
-        heads, head_dim, channels = self.num_heads, self.head_dim, vision.shape[-1]
-        width = heads * num_tokens
+        heads, positions = self.num_heads, vision.shape[1]
 
-        key = self.l_proj(text).view(batch, num_tokens, heads, head_dim)
-        query_weight = self.v_proj.weight.view(heads, head_dim, channels)
-        # (B, heads*T, C) and (B, heads*T): the query projection folded into the keys (q is scaled, as in the original)
-        score_weight = torch.einsum("bthd,hdc->bhtc", key, query_weight).reshape(batch, width, channels) * self.scale
-        score_bias = torch.einsum("bthd,hd->bht", key, self.v_proj.bias.view(heads, head_dim)).reshape(batch, width) * self.scale
-        # (B, heads*T, C): the text values already projected by each head's slice of out_v_proj
-        value_text = self.values_l_proj(text).view(batch, num_tokens, heads, head_dim)
-        text_values = torch.einsum("bthd,chd->bhtc", value_text, self.out_v_proj.weight.view(channels, heads, head_dim))
-        text_values = text_values.reshape(batch, width, channels)
-        # image->text mask: the original adds +1 to valid tokens and -9e15 to padded ones (quirk 11.5); a constant
-        # added to a whole softmax row cancels, so valid tokens get 0 here
-        fill = max(TEXT_MASK_FILL, torch.finfo(vision.dtype).min)
-        text_mask = torch.zeros(text_attention_mask.shape, dtype=vision.dtype, device=vision.device)
+        key = self.l_proj(text).view(batch, num_tokens, heads, self.head_dim)
+        score_weight, score_bias = self.v_proj(key, self.scale)  # (B, heads*T, C), (B, heads*T); q is scaled as in the original
+        scores = torch.baddbmm(score_bias[:, None, :], vision, score_weight.transpose(1, 2))  # (B, N, heads*T)
+        scores = scores.clamp_(-self.clamp_value, self.clamp_value)  # quirk 11.6
+
+        # words attend to image positions: a softmax over N of every (head, token) column, no mask at all (quirk 11.4).
+        # The original first subtracts the column max and clamps to +-clamp again: softmax subtracts the max itself,
+        # and the second clamp only moves entries below -clamp, whose exp is 0 before and after
+        # (clamp_value >= MIN_CLAMP_VALUE).
+        probs_text = nn.functional.dropout(scores.softmax(dim=1), p=self.dropout, training=self.training)
+        attended = torch.bmm(probs_text.transpose(1, 2), vision).view(batch, heads, num_tokens, -1)  # P'_h v
+        attended_mass = probs_text.sum(dim=1).view(batch, heads, num_tokens)  # P'_h 1: ones, unless dropout rescaled
+        delta_text = self.out_l_proj(self.values_v_proj(attended, attended_mass))
+
+        # image positions attend to words: a softmax over each head's T tokens. The original adds +1 to valid tokens
+        # and -9e15 to padded ones (quirk 11.5); a constant added to a whole softmax row cancels, so valid tokens get 0.
+        fill = max(TEXT_MASK_FILL, torch.finfo(scores.dtype).min)
+        text_mask = torch.zeros(text_attention_mask.shape, dtype=scores.dtype, device=scores.device)
         text_mask = text_mask.masked_fill(text_attention_mask == 0, fill)
+        scores = scores.view(batch, positions, heads, num_tokens).add_(text_mask[:, None, None, :])
+        probs_vision = nn.functional.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)
+        value_text = self.values_l_proj(text).view(batch, num_tokens, heads, self.head_dim)
+        delta_vision = self.out_v_proj(probs_vision.view(batch, positions, heads * num_tokens), value_text)
 
-        delta_vision, attended, attended_mass = [], [], []
-        for image in range(batch):
-            scores = torch.addmm(score_bias[image], vision[image], score_weight[image].T)  # (N, heads*T)
-            scores = scores.clamp_(-self.clamp_value, self.clamp_value)  # quirk 11.6
-
-            # words attend to image positions: a softmax over N of every (head, token) column, no mask at all (quirk
-            # 11.4). The original first subtracts the column max and clamps to +-clamp again: softmax subtracts the max
-            # itself, and the second clamp only moves entries below -clamp, whose exp is 0 before and after
-            # (clamp_value >= MIN_CLAMP_VALUE).
-            probs_text = nn.functional.dropout(scores.softmax(dim=0), p=self.dropout, training=self.training)
-            attended.append(torch.mm(probs_text.T, vision[image]))  # (heads*T, C) = P'_h v for every head
-            attended_mass.append(probs_text.sum(dim=0))  # (heads*T,) = P'_h 1: ones, unless dropout rescaled
-
-            # image positions attend to words: a softmax over each head's T tokens
-            scores = scores.view(-1, heads, num_tokens).add_(text_mask[image])
-            probs_vision = nn.functional.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)
-            delta_vision.append(torch.addmm(self.out_v_proj.bias, probs_vision.view(-1, width), text_values[image]))
-
-        attended = torch.stack(attended).view(batch, heads, num_tokens, channels)
-        attended_mass = torch.stack(attended_mass).view(batch, heads, num_tokens)
-        value_weight = self.values_v_proj.weight.view(heads, head_dim, channels)
-        value_bias = self.values_v_proj.bias.view(heads, head_dim)
-        text_update = torch.einsum("bhtc,hdc->bthd", attended, value_weight) + torch.einsum("bht,hd->bthd", attended_mass, value_bias)
-        delta_text = self.out_l_proj(text_update.reshape(batch, num_tokens, heads * head_dim))
-        return torch.stack(delta_vision), delta_text
+        vision_to_text = probs_vision.permute(0, 2, 1, 3)  # (B, heads, N, T)
+        text_to_vision = probs_text.view(batch, positions, heads, num_tokens).permute(0, 2, 3, 1)  # (B, heads, T, N)
+        return delta_vision, delta_text, vision_to_text, text_to_vision
 
 
 class VLFuse(GradientCheckpointingLayer):
@@ -115,11 +164,11 @@ class VLFuse(GradientCheckpointingLayer):
         self.gamma_v = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init))
         self.gamma_l = nn.Parameter(torch.full((text_dim,), config.layer_scale_init))
 
-    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_attention_mask: torch.Tensor):
+    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """vision (B, N, C) flattened levels, text (B, T, D), text_attention_mask (B, T) -> fused (vision, text)."""
         vision = self.layer_norm_v(vision)
         text = self.layer_norm_l(text)
-        delta_vision, delta_text = self.attn(vision, text, text_attention_mask)
+        delta_vision, delta_text, _, _ = self.attn(vision, text, text_attention_mask)
         vision = vision + self.drop_path(self.gamma_v * delta_vision)
         text = text + self.drop_path(self.gamma_l * delta_text)
         return vision, text

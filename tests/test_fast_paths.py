@@ -19,8 +19,12 @@ ATOL = 1e-4
 
 
 def reference_bi_attention(attn: BiMultiHeadAttention, vision, text, text_attention_mask):
-    """The original's per-head BiMultiHeadAttention (glip_architecture.md 5.2), dropout off."""
+    """The original's per-head BiMultiHeadAttention (glip_architecture.md 5.2), dropout off: (delta_vision,
+    delta_text, image->text probabilities (B, heads, N, T), text->image probabilities (B, heads, T, N))."""
     heads, head_dim = attn.num_heads, attn.head_dim
+
+    def linear(module, x):  # the plain projection (our image-side modules apply their weights in folded forms)
+        return nn.functional.linear(x, module.weight, module.bias)
 
     def split(x):  # (B, L, E) -> (B, heads, L, head_dim)
         return x.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
@@ -28,15 +32,16 @@ def reference_bi_attention(attn: BiMultiHeadAttention, vision, text, text_attent
     def merge(x):  # (B, heads, L, head_dim) -> (B, L, E)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], heads * head_dim)
 
-    query = split(attn.v_proj(vision) * attn.scale)
-    key, value_vision, value_text = split(attn.l_proj(text)), split(attn.values_v_proj(vision)), split(attn.values_l_proj(text))
+    query = split(linear(attn.v_proj, vision) * attn.scale)
+    key, value_vision, value_text = split(attn.l_proj(text)), split(linear(attn.values_v_proj, vision)), split(attn.values_l_proj(text))
     scores = (query @ key.transpose(-1, -2)).clamp(-attn.clamp_value, attn.clamp_value)
     scores_text = scores.transpose(-1, -2)
     scores_text = (scores_text - scores_text.amax(dim=-1, keepdim=True)).clamp(-attn.clamp_value, attn.clamp_value)
     mask = text_attention_mask.to(scores.dtype).masked_fill(text_attention_mask == 0, TEXT_MASK_FILL)  # +1 / -9e15
     probs_vision = (scores + mask[:, None, None, :]).softmax(dim=-1)
     probs_text = scores_text.softmax(dim=-1)
-    return attn.out_v_proj(merge(probs_vision @ value_text)), attn.out_l_proj(merge(probs_text @ value_vision))
+    delta_vision = linear(attn.out_v_proj, merge(probs_vision @ value_text))
+    return delta_vision, attn.out_l_proj(merge(probs_text @ value_vision)), probs_vision, probs_text
 
 
 def make_attention(clamp_value=50000.0, weight_std=0.05, seed=0):
@@ -72,7 +77,7 @@ def test_bi_attention_with_active_clamps():
     attn = make_attention(clamp_value=1000.0, weight_std=4.0)
     inputs = attention_inputs()
     with torch.no_grad():
-        query = (attn.v_proj(inputs[0]) * attn.scale).view(2, 300, 1, 8, 32)
+        query = (nn.functional.linear(inputs[0], attn.v_proj.weight, attn.v_proj.bias) * attn.scale).view(2, 300, 1, 8, 32)
         key = attn.l_proj(inputs[1]).view(2, 1, 9, 8, 32)
         assert (query * key).sum(-1).abs().max() > 3000  # beyond both clamps of the text->image side
         expected = reference_bi_attention(attn, *inputs)
@@ -89,7 +94,7 @@ def test_bi_attention_gradients_match():
     for function in (attn, lambda *args: reference_bi_attention(attn, *args)):
         attn.zero_grad()
         vision.grad = None
-        delta_vision, delta_text = function(vision, *inputs[1:])
+        delta_vision, delta_text = function(vision, *inputs[1:])[:2]
         (delta_vision.square().sum() + delta_text.square().sum()).backward()
         grads.append([vision.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
     assert max_diff(*grads) < ATOL
@@ -104,7 +109,7 @@ def test_bi_attention_bfloat16_stays_finite_with_huge_scores():
     attn = make_attention(clamp_value=50000.0, weight_std=3.0).to(torch.bfloat16)
     vision, text, mask = attention_inputs()
     with torch.no_grad():
-        delta_vision, delta_text = attn(vision.bfloat16() * 100, text.bfloat16() * 100, mask)
+        delta_vision, delta_text, _, _ = attn(vision.bfloat16() * 100, text.bfloat16() * 100, mask)
     assert torch.isfinite(delta_vision).all() and torch.isfinite(delta_text).all()
 
 
@@ -184,16 +189,18 @@ def test_precomputed_text_features_give_the_same_outputs(tiny_model):
     inputs["attention_mask"][1, 4:] = 0
     with torch.no_grad():
         expected = tiny_model(**inputs)
-        text = tiny_model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-        actual = tiny_model(**inputs, text_encoder_hidden_state=text)
-    assert text.shape == (2, 6, tiny_model.config.text_config.hidden_size)
-    for name in ("logits", "pred_boxes", "centerness", "text_hidden_state"):
-        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+        features = tiny_model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        from_tensor = tiny_model(**inputs, text_encoder_hidden_state=features.last_hidden_state)
+        from_output = tiny_model(**inputs, text_encoder_hidden_state=features)
+    assert features.last_hidden_state.shape == (2, 6, tiny_model.config.text_config.hidden_size)
+    for actual in (from_tensor, from_output):
+        for name in ("logits", "pred_boxes", "centerness", "text_hidden_state"):
+            assert torch.equal(getattr(actual, name), getattr(expected, name)), name
 
 
 def test_precomputed_text_features_of_the_wrong_shape_are_a_clear_error(tiny_model):
     inputs = make_inputs(batch=2, tokens=6)
-    text = tiny_model.get_text_features(inputs["input_ids"])
+    text = tiny_model.get_text_features(inputs["input_ids"]).last_hidden_state
     for bad in (text[:1], text[:, :5], text[..., :-1]):
         with pytest.raises(ValueError, match="text_encoder_hidden_state"):
             tiny_model(**inputs, text_encoder_hidden_state=bad)
@@ -226,9 +233,11 @@ def test_chunk_to_image_is_validated(tiny_model):
     inputs = make_inputs(batch=2)
     with pytest.raises(ValueError, match="Batch size mismatch"):
         tiny_model(inputs["pixel_values"][:1], inputs["input_ids"])
-    for bad, message in ((torch.tensor([0]), "shape \\(2,\\)"), (torch.tensor([0.0, 1.0]), "integer tensor"), (torch.tensor([0, 2]), "outside 0..1")):
+    for bad, message in ((torch.tensor([0]), "shape \\(2,\\)"), (torch.tensor([0, 2]), "outside 0..1")):
         with pytest.raises(ValueError, match=message):
             tiny_model(inputs["pixel_values"], inputs["input_ids"], chunk_to_image=bad)
+    with pytest.raises(TypeError, match="`chunk_to_image` must be an integer"):
+        tiny_model(inputs["pixel_values"], inputs["input_ids"], chunk_to_image=torch.tensor([0.0, 1.0]))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])

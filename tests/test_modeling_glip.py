@@ -61,7 +61,11 @@ def test_hidden_states_layout(model):
         out = model(**make_inputs(), output_hidden_states=True)
     layers = model.config.num_fusion_layers
     assert len(out.backbone_feature_maps) == 3
-    assert len(out.vision_hidden_states) == 1 + 2 * layers and all(len(levels) == 5 for levels in out.vision_hidden_states)
+    num_anchors = out.logits.shape[1]
+    assert len(out.vision_hidden_states) == 1 + 2 * layers
+    assert all(state.shape == (1, num_anchors, model.config.hidden_size) for state in out.vision_hidden_states)
+    levels = out.vision_levels(out.vision_hidden_states[-1])
+    assert [tuple(level.shape[-2:]) for level in levels] == [tuple(s) for s in out.spatial_shapes[0].tolist()]
     assert len(out.text_hidden_states) == 1 + 2 * layers
     assert torch.equal(out.text_hidden_states[-1], out.text_hidden_state)
 

@@ -82,7 +82,7 @@ def test_swin_stages(tiny_model, fixture_tensors):
 
 def test_fpn_and_language(outputs, fixture_tensors):
     for index, level in enumerate(LEVELS):
-        assert_close(f"backbone.fpn.{level}", outputs.vision_hidden_states[0][index], fixture_tensors[f"backbone.fpn.{level}"])
+        assert_close(f"backbone.fpn.{level}", outputs.vision_levels(outputs.vision_hidden_states[0])[index], fixture_tensors[f"backbone.fpn.{level}"])
     assert_close("language.hidden", outputs.text_hidden_states[0], fixture_tensors["language.hidden"])
 
 
@@ -93,7 +93,8 @@ def test_every_tower_module(outputs, fixture_tensors, manifest):
         prefix = f"head.tower.{index:02d}.{kind}"
         if kind in ("VLFuse", "DyConv"):
             for level_index, level in enumerate(LEVELS):
-                assert_close(f"{prefix}.visual.{level}", outputs.vision_hidden_states[vision_step][level_index], fixture_tensors[f"{prefix}.visual.{level}"])
+                level_map = outputs.vision_levels(outputs.vision_hidden_states[vision_step])[level_index]
+                assert_close(f"{prefix}.visual.{level}", level_map, fixture_tensors[f"{prefix}.visual.{level}"])
             vision_step += 1
         if kind in ("VLFuse", "BertEncoderLayer"):
             assert_close(f"{prefix}.lang_hidden", outputs.text_hidden_states[text_step], fixture_tensors[f"{prefix}.lang_hidden"])
