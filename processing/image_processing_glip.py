@@ -188,14 +188,15 @@ class GLIPImageProcessor(TorchvisionBackend):
         if max_size is None or max_size < min_size:
             raise ValueError(f"max_size must be an integer >= min_size ({min_size}), got max_size={max_size!r}")
         if size_divisibility is None or size_divisibility < 1:
-            raise ValueError(f"size_divisibility must be a positive integer (1 = no rounding), got size_divisibility={size_divisibility!r}")
+            raise ValueError(f"size_divisibility must be a positive integer (1 = no rounding), got {size_divisibility!r}")
         if do_rescale and not (rescale_factor is not None and math.isfinite(rescale_factor) and rescale_factor > 0):
-            raise ValueError(f"rescale_factor must be a positive finite number when do_rescale is True, got rescale_factor={rescale_factor!r}")
+            raise ValueError(f"rescale_factor must be a positive finite number with do_rescale, got rescale_factor={rescale_factor!r}")
         if do_normalize:
             self._check_mean_std(image_mean, image_std, _PIXEL_MAX * rescale_factor if do_rescale else _PIXEL_MAX)
         if do_pad and pad_size is not None:
             height, width = pad_size.height, pad_size.width
-            if not (isinstance(height, int) and isinstance(width, int) and height >= 1 and width >= 1) or set(dict(pad_size)) != {"height", "width"}:
+            valid = isinstance(height, int) and isinstance(width, int) and height >= 1 and width >= 1
+            if not valid or set(dict(pad_size)) != {"height", "width"}:
                 raise ValueError(f"pad_size must be {{'height': int >= 1, 'width': int >= 1}}, got pad_size={dict(pad_size)!r}")
             if height % size_divisibility or width % size_divisibility:
                 raise ValueError(
@@ -235,7 +236,9 @@ class GLIPImageProcessor(TorchvisionBackend):
             return tuple(math.ceil(max(size[axis] for size in sizes) / size_divisibility) * size_divisibility for axis in (0, 1))
         for index, (height, width) in enumerate(sizes):
             if height > pad_size.height or width > pad_size.width:
-                raise ValueError(f"image {index} is {height}x{width} (h x w) after resizing, larger than pad_size {pad_size.height}x{pad_size.width}")
+                raise ValueError(
+                    f"image {index} is {height}x{width} (h x w) after resizing, larger than pad_size {pad_size.height}x{pad_size.width}"
+                )
         return pad_size.height, pad_size.width
 
     def _preprocess(

@@ -69,14 +69,28 @@ def _is_string_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
 
+def _enum_value(enum: type, name: str, value: Any) -> Any:
+    """`enum(value)` for a keyword, or a ValueError naming the keyword and the accepted values."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[member.value for member in enum]}, got {name}={value!r}") from None
+
+
 def _return_tensors(options: Dict[str, Any]) -> Optional[str]:
     """The one tensor type of the output (GLIP returns one batch for both modalities)."""
-    values = {None if value is None else TensorType(value).value for value in (options["text_kwargs"].get("return_tensors"), options["images_kwargs"].get("return_tensors"))}
+    values = {
+        None if value is None else _enum_value(TensorType, "return_tensors", value).value
+        for value in (options["text_kwargs"].get("return_tensors"), options["images_kwargs"].get("return_tensors"))
+    }
     if len(values) > 1:
-        raise ValueError(f"return_tensors differs between text_kwargs and images_kwargs ({sorted(map(str, values))}); GLIPProcessor returns one batch, give it once")
+        raise ValueError(
+            f"return_tensors differs between text_kwargs and images_kwargs ({sorted(map(str, values))}); "
+            "GLIPProcessor returns one batch, give it once"
+        )
     (value,) = values
     if value not in _RETURN_TENSORS:
-        raise ValueError(f"GLIPProcessor returns return_tensors='pt' (default), 'np' or None (python lists), got return_tensors={value!r}")
+        raise ValueError(f"GLIPProcessor returns 'pt' (default), 'np' or None (python lists), got return_tensors={value!r}")
     return value
 
 
@@ -140,7 +154,7 @@ class GLIPProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer)
         shortest = tokenizer.num_special_tokens_to_add() + 1
         if isinstance(max_text_len, bool) or not isinstance(max_text_len, int) or max_text_len < shortest:
-            raise ValueError(f"max_text_len must be an integer >= {shortest} (special tokens + one token), got max_text_len={max_text_len!r}")
+            raise ValueError(f"max_text_len must be an integer >= {shortest} (special tokens + 1), got max_text_len={max_text_len!r}")
         if not isinstance(separator, str) or not separator:
             raise ValueError(f"separator must be a non-empty string, got separator={separator!r}")
         self.max_text_len = max_text_len
@@ -199,15 +213,19 @@ class GLIPProcessor(ProcessorMixin):
             if value is not None and value != required:
                 raise ValueError(f"GLIPProcessor needs {key}={required!r}, got {key}={value!r}")
         truncation = options.pop("truncation", None)
-        if truncation is True or (truncation not in (None, False) and TruncationStrategy(truncation) != TruncationStrategy.DO_NOT_TRUNCATE):
+        truncates = truncation is True or (
+            truncation not in (None, False) and _enum_value(TruncationStrategy, "truncation", truncation) != TruncationStrategy.DO_NOT_TRUNCATE
+        )
+        if truncates:
             raise ValueError(
                 f"GLIPProcessor never truncates prompts (got truncation={truncation!r}): a vocabulary longer than "
                 f"max_text_len={self.max_text_len} tokens is split into several text rows, a longer caption is an error"
             )
         padding = options.pop("padding", None)
-        strategy = PaddingStrategy.LONGEST if padding in (None, True) else PaddingStrategy.DO_NOT_PAD if padding is False else PaddingStrategy(padding)
+        strategy = {None: PaddingStrategy.LONGEST, True: PaddingStrategy.LONGEST, False: PaddingStrategy.DO_NOT_PAD}.get(padding)
+        strategy = strategy or _enum_value(PaddingStrategy, "padding", padding)
         if strategy == PaddingStrategy.DO_NOT_PAD:
-            raise ValueError(f"GLIPProcessor returns its text rows as one (R, T) batch: padding must be 'longest' or 'max_length', got padding={padding!r}")
+            raise ValueError(f"GLIPProcessor returns its rows as one (R, T) batch: padding must be 'longest' or 'max_length', got padding={padding!r}")
         max_length, pad_to_multiple_of = options.pop("max_length", None), options.pop("pad_to_multiple_of", None)
         for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -217,12 +235,12 @@ class GLIPProcessor(ProcessorMixin):
             if max_length > self.max_text_len:
                 raise ValueError(f"max_length={max_length} is more than max_text_len={self.max_text_len}, the token limit of a text row")
         elif max_length is not None:
-            raise ValueError(f"max_length={max_length} only sets the padded length with padding='max_length' (GLIP never truncates), got padding={padding!r}")
+            raise ValueError(f"max_length={max_length} is the padded length of padding='max_length' (GLIP never truncates), got padding={padding!r}")
         return_token_type_ids = options.pop("return_token_type_ids", None)
         verbose = options.pop("verbose", None)
         unsupported = {key: value for key, value in options.items() if value not in (None, False)}
         if unsupported:
-            raise ValueError(f"GLIPProcessor builds its own text rows and positive maps and does not support the tokenizer options {unsupported}")
+            raise ValueError(f"GLIPProcessor builds its own text rows and positive maps; it does not support the tokenizer options {unsupported}")
         return _Padding(strategy, max_length, pad_to_multiple_of, return_token_type_ids, True if verbose is None else verbose)
 
     def _tokenizer_defaults(self) -> Dict[str, Any]:
@@ -300,7 +318,9 @@ class GLIPProcessor(ProcessorMixin):
         )
         num_tokens = padded["input_ids"].shape[1]
         if num_tokens > self.max_text_len:
-            raise ValueError(f"pad_to_multiple_of={padding.pad_to_multiple_of} pads the rows to {num_tokens} tokens, more than max_text_len={self.max_text_len}")
+            raise ValueError(
+                f"pad_to_multiple_of={padding.pad_to_multiple_of} pads the rows to {num_tokens} tokens, more than max_text_len={self.max_text_len}"
+            )
         max_labels = max(len(row.label_ids) for row in rows)
         positive_map = torch.zeros(len(rows), max_labels, num_tokens)
         label_ids = torch.full((len(rows), max_labels), -1, dtype=torch.long)
