@@ -128,7 +128,9 @@ class GLIPImageProcessor(TorchvisionBackend):
     @classmethod
     def from_dict(cls, image_processor_dict: Dict[str, Any], **kwargs):
         if kwargs.get("size") is not None:  # `size` given at load time replaces the saved min_size / max_size
-            image_processor_dict = {key: value for key, value in image_processor_dict.items() if key not in ("min_size", "max_size")}
+            image_processor_dict = {
+                key: value for key, value in image_processor_dict.items() if key not in ("min_size", "max_size")
+            }
         return super().from_dict(image_processor_dict, **kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
