@@ -14,6 +14,8 @@ from .modeling_glip import GLIPModel, GLIPObjectDetectionOutput, GLIPPreTrainedM
 AutoConfig.register("glip", GLIPConfig, exist_ok=True)
 AutoModel.register(GLIPConfig, GLIPModel, exist_ok=True)
 AutoModelForZeroShotObjectDetection.register(GLIPConfig, GLIPModel, exist_ok=True)
+# `import processing` already registers the processors under the model type "glip" (enough to resolve the class names
+# a saved folder names); registering them under GLIPConfig too serves the lookups made from a config object.
 AutoImageProcessor.register(GLIPConfig, image_processor_classes={"torchvision": GLIPImageProcessor}, exist_ok=True)
 AutoProcessor.register(GLIPConfig, GLIPProcessor, exist_ok=True)
 

@@ -6,7 +6,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from processing.image_processing_glip import GLIPImageProcessor, get_resize_output_size
 
@@ -132,9 +131,9 @@ def test_configurable_sizes(chelsea):
         GLIPImageProcessor()(chelsea, min_size=900, max_size=800)
     with pytest.raises(ValueError, match="size_divisibility"):
         GLIPImageProcessor()(chelsea, size_divisibility=0)
-    with pytest.raises(StrictDataclassFieldValidationError, match="max_size"):  # transformers' typed-kwargs check
+    with pytest.raises(ValueError, match="max_size"):  # transformers' typed-kwargs check, as a ValueError
         GLIPImageProcessor()(chelsea, max_size=None)
-    with pytest.raises(ValueError, match="does not use `size`"):
+    with pytest.raises(ValueError, match="size must be"):
         GLIPImageProcessor()(chelsea, size={"shortest_edge": 600})
 
 
