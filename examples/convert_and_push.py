@@ -10,8 +10,9 @@ Verification before anything is pushed:
 2. the converted tensors carry all of the original's weights (the same number of values; only recomputed buffers
    are dropped);
 3. a forward on a real photo with a COCO-style prompt gives finite outputs and detections;
-4. with `--fixture DIR` (the golden fixture produced by the original code, `../shared/reference`), the converted
-   tiny model's head outputs are compared with the original's (max abs diff reported, must be <= 1e-4).
+4. with `--fixture DIR` (a folder with `tiny_glip_fixture.safetensors`, the golden fixture produced by the original
+   code; not part of this repository, the tests read it from GLIP_REFERENCE_DIR), the converted tiny model's head
+   outputs are compared with the original's (max abs diff reported, must be <= 1e-4).
 """
 
 import argparse
