@@ -2,6 +2,7 @@
 loading of GLIP configs. Each test feeds one kind of bad input and checks the error type and that the message names
 the problem; the threshold tests check that reported scores never depend on the final `threshold`."""
 
+import json
 import math
 
 import numpy as np
@@ -265,3 +266,50 @@ def test_stock_pipeline_threshold_is_a_final_score_cut(tiny_glip_checkpoint):
     kept = detector(random_image(), candidate_labels=["cat", "dog"], threshold=cut)
     assert kept and all(d["score"] >= cut for d in kept)
     assert sorted(d["score"] for d in kept) == sorted(d["score"] for d in everything if d["score"] >= cut)
+
+
+# --- GLIP configs: fields the weights' outputs depend on -------------------------------------------------------------
+
+from modeling_glip.configuration_glip import WEIGHT_DEPENDENT_FIELDS  # noqa: E402
+
+
+@pytest.mark.parametrize("field", WEIGHT_DEPENDENT_FIELDS)
+def test_config_dict_without_a_weight_dependent_field_is_refused(field):
+    saved = GLIPConfig().to_dict()
+    del saved[field]
+    with pytest.raises(ValueError, match=rf"lacks \['{field}'\].*Add them to config.json"):
+        GLIPConfig.from_dict(saved)
+    assert getattr(GLIPConfig.from_dict(saved, **{field: getattr(GLIPConfig(), field)}), field) == getattr(GLIPConfig(), field)
+
+
+def test_saved_config_without_anchor_sizes_is_refused_by_from_pretrained_and_auto(tmp_path):
+    from transformers import AutoConfig, AutoModelForZeroShotObjectDetection
+
+    GLIPConfig(anchor_sizes=(32, 64, 128, 256, 512)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["anchor_sizes"], saved["box_coder_weights"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    for load in (GLIPConfig.from_pretrained, AutoConfig.from_pretrained, AutoModelForZeroShotObjectDetection.from_pretrained):
+        with pytest.raises(ValueError, match=r"lacks \['anchor_sizes', 'box_coder_weights'\]"):
+            load(tmp_path)
+
+
+@pytest.mark.parametrize("make", [GLIPConfig, GLIPConfig.glip_t, GLIPConfig.glip_l, lambda: GLIPConfig(text_prompt_length=7, use_dyrelu=False)])
+def test_every_saved_config_holds_every_weight_dependent_field(make, tmp_path):
+    """transformers saves a diff against the base config; GLIP's fields must survive it, defaults included."""
+    config = make()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert [field for field in WEIGHT_DEPENDENT_FIELDS if field not in saved] == []
+    config.to_json_file(tmp_path / "other.json")
+    assert [field for field in WEIGHT_DEPENDENT_FIELDS if field not in json.loads((tmp_path / "other.json").read_text())] == []
+    reloaded = GLIPConfig.from_pretrained(tmp_path)
+    as_list = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (JSON has no tuples)
+    assert all(as_list(getattr(reloaded, field)) == as_list(getattr(config, field)) for field in WEIGHT_DEPENDENT_FIELDS[2:])
+
+
+def test_bundled_demo_config_loads():
+    from pathlib import Path
+
+    config = GLIPConfig.from_pretrained(Path(__file__).resolve().parents[1] / "checkpoints" / "glip-demo")
+    assert list(config.anchor_sizes) == [32, 64, 128, 256, 512]
