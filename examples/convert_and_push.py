@@ -83,7 +83,9 @@ def smoke_detect(model: GLIPModel, processor: GLIPProcessor) -> list:
         if not torch.isfinite(getattr(outputs, name)).all():
             raise RuntimeError(f"non-finite {name} on the smoke image")
     # candidate threshold 0: report the five best boxes whatever their score (random-weight test models score ~0.01)
-    (result,) = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=0.0)
+    (result,) = processor.post_process_grounded_object_detection(
+        outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=0.0
+    )
     return [(name, round(score, 3)) for name, score in zip(result["text_labels"][:5], result["scores"][:5].tolist())]
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -74,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--labels", help='comma-separated class names, e.g. "cat, remote control"')
     prompt.add_argument("--caption", help="a free caption; its phrases are scored (see --phrases)")
-    parser.add_argument("--phrases", help='phrases of --caption to detect, separated by ";" or "," (default: the caption split at "." and ",")')
+    parser.add_argument(
+        "--phrases", help='phrases of --caption to detect, separated by ";" or "," (default: the caption split at "." and ",")'
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory or Hub repo id (default: the bundled demo checkpoint)")
     parser.add_argument(
-        "--threshold", type=_fraction(True), default=DEFAULT_THRESHOLD, help=f"report detections whose score is >= this (default {DEFAULT_THRESHOLD})"
+        "--threshold",
+        type=_fraction(True),
+        default=DEFAULT_THRESHOLD,
+        help=f"report detections whose score is >= this (default {DEFAULT_THRESHOLD})",
     )
     parser.add_argument(
         "--candidate-threshold",
@@ -131,8 +135,7 @@ def detect(model, processor, image: Image.Image, prompt: dict, threshold: float,
     (result,) = processor.post_process_grounded_object_detection(
         outputs, inputs, threshold=threshold, target_sizes=[(image.height, image.width)], **limits
     )
-    keep = slice(None, top_k)
-    return {"scores": result["scores"][keep], "labels": result["labels"][keep], "text_labels": result["text_labels"][keep], "boxes": result["boxes"][keep]}
+    return {name: values[:top_k] for name, values in result.items()}
 
 
 def _text_colour(colour: str) -> str:
@@ -149,7 +152,8 @@ def annotate(image: Image.Image, detections: dict) -> Image.Image:
     line_width = max(1, round(short_side / 250))
     font = ImageFont.load_default(size=max(9, round(short_side / 35)))
     padding = max(1, line_width)
-    for label, name, score, box in reversed(list(zip(detections["labels"].tolist(), detections["text_labels"], detections["scores"].tolist(), detections["boxes"].tolist()))):
+    drawn = zip(detections["labels"].tolist(), detections["text_labels"], detections["scores"].tolist(), detections["boxes"].tolist())
+    for label, name, score, box in reversed(list(drawn)):
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=colour, width=line_width)
         text = f"{name} {score:.2f}"
@@ -193,7 +197,8 @@ def write_atomically(path: Path, write: Callable[[object], None]) -> None:
 
 
 def write_reports(output_dir: Path, results: list, images: list, categories: List[str], failures: list) -> None:
-    info = {"images": images, "categories": [{"id": index + 1, "name": name} for index, name in enumerate(categories)], "failed_images": failures}
+    categories = [{"id": index + 1, "name": name} for index, name in enumerate(categories)]
+    info = {"images": images, "categories": categories, "failed_images": failures}
     for name, content in (("detections.json", results), ("detections_info.json", info)):
         write_atomically(output_dir / name, lambda handle, content=content: handle.write(json.dumps(content, indent=1).encode()))
 
@@ -238,7 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"glip-detect: skipped {path}: {_one_line(error)}", file=sys.stderr)
                 continue
             print_table(path, detections)
-            images.append({"id": image_id, "file_name": str(path), "width": image.width, "height": image.height, "annotated_image": png_names[image_id]})
+            images.append(
+                {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height, "annotated_image": png_names[image_id]}
+            )
             for label, score, box in zip(detections["labels"].tolist(), detections["scores"].tolist(), detections["boxes"].tolist()):
                 x1, y1, x2, y2 = box
                 results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})

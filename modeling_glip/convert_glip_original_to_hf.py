@@ -114,7 +114,10 @@ def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
         state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"The checkpoint's state dict has {len(not_tensors)} entries that are not tensors (first: {not_tensors[:5]}); it is not a model state dict.")
+        raise ValueError(
+            f"The checkpoint's state dict has {len(not_tensors)} entries that are not tensors (first: {not_tensors[:5]}); "
+            "it is not a model state dict."
+        )
     if not any(key.startswith(ORIGINAL_PREFIXES) for key in state_dict):
         if any(key.startswith(CONVERTED_PREFIXES) for key in state_dict):
             raise ValueError(
@@ -180,7 +183,12 @@ _TEXT_PREFIX = "language_backbone.body.model."
 
 def _keys_for_inference(num_stages: int, needs_text_config: bool) -> List[str]:
     """The original keys whose shapes `infer_config_from_state_dict` reads."""
-    keys = ["backbone.body.patch_embed.proj.weight", "backbone.fpn.fpn_inner4.weight", "rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight", "rpn.head.cls_logits.weight"]
+    keys = [
+        "backbone.body.patch_embed.proj.weight",
+        "backbone.fpn.fpn_inner4.weight",
+        "rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight",
+        "rpn.head.cls_logits.weight",
+    ]
     keys += [f"backbone.body.layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(max(num_stages, 1))]
     keys.append(_TEXT_PREFIX + "embeddings.word_embeddings.weight")
     if needs_text_config:
@@ -406,7 +414,9 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool):
                 "torch.load(weights_only=True) refuses to run. Only if you trust the file, pass --allow-unsafe-pickle "
                 "(allow_unsafe_pickle=True) to unpickle it fully."
             ) from error
-        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {message[:200]}): it is corrupt or not a checkpoint") from error
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {message[:200]}): it is corrupt or not a checkpoint"
+        ) from error
 
 
 def load_original_checkpoint(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> Dict[str, torch.Tensor]:
@@ -477,7 +487,8 @@ def save_folder_atomically(output_dir: Path, save: Callable[[Path], None]) -> No
     there is swapped out and deleted only then): a failure leaves neither a partial folder nor a damaged target."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging, previous = output_dir.with_name(f".{output_dir.name}.partial-{tag}"), output_dir.with_name(f".{output_dir.name}.previous-{tag}")
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{tag}")
+    previous = output_dir.with_name(f".{output_dir.name}.previous-{tag}")
     staging.mkdir()
     try:
         save(staging)

@@ -75,7 +75,8 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
     def _sanitize_parameters(self, **kwargs):
         unknown = sorted(set(kwargs) - set(_POSTPROCESS_ARGUMENTS) - {"timeout"})
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; accepted: {sorted(_POSTPROCESS_ARGUMENTS + _CALL_ARGUMENTS)}")
+            accepted = sorted(_POSTPROCESS_ARGUMENTS + _CALL_ARGUMENTS)
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
         preprocess_params = {}
         timeout = kwargs.pop("timeout", None)
         if timeout is not None:

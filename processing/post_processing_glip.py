@@ -133,9 +133,12 @@ def _check_output_shapes(logits: torch.Tensor, pred_boxes: torch.Tensor, centern
     if logits.dim() != 3:
         raise ValueError(f"model outputs `logits` must have shape (rows, anchors, tokens), got {tuple(logits.shape)}")
     rows, anchors = logits.shape[:2]
-    for name, tensor, shape in (("pred_boxes", pred_boxes, (rows, anchors, 4)), ("centerness", centerness, (rows, anchors)), ("image_sizes", image_sizes, (rows, 2))):
+    expected = {"pred_boxes": (pred_boxes, (rows, anchors, 4)), "centerness": (centerness, (rows, anchors)), "image_sizes": (image_sizes, (rows, 2))}
+    for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"model outputs `{name}` must have shape {shape} to match the logits {tuple(logits.shape)}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"model outputs `{name}` must have shape {shape} to match the logits {tuple(logits.shape)}, got {tuple(tensor.shape)}"
+            )
     if image_sizes.is_floating_point() or image_sizes.is_complex() or (image_sizes < 1).any():
         raise ValueError(
             f"model outputs `image_sizes` must hold positive integer (height, width) pairs, got {image_sizes.tolist()} "
@@ -268,7 +271,10 @@ def detect_rows(
     for row, positive_map in enumerate(positive_maps):
         positive_map = torch.as_tensor(positive_map).to(logits.device)
         if positive_map.dim() != 2 or positive_map.shape[-1] != logits.shape[-1]:
-            raise ValueError(f"positive map of row {row} has shape {tuple(positive_map.shape)}; it needs (labels, {logits.shape[-1]}) for the logits' {logits.shape[-1]} tokens")
+            raise ValueError(
+                f"positive map of row {row} has shape {tuple(positive_map.shape)}; "
+                f"it needs (labels, {logits.shape[-1]}) for the logits' {logits.shape[-1]} tokens"
+            )
         _require_finite("positive_map", positive_map, row)
         _require_finite("logits", logits[row][:, positive_map.any(0)], row)  # only the tokens that are scored
         _require_finite("pred_boxes", pred_boxes[row], row)
@@ -331,7 +337,9 @@ def target_size_rows(target_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
         raise ValueError(f"target_sizes must be a (N, 2) tensor or a list of (height, width) pairs, got {target_sizes!r}")
     if len(values) == 2 and all(isinstance(value, numbers.Real) for value in values):  # one bare (h, w) pair
         if count != 1:
-            raise ValueError(f"target_sizes={target_sizes!r} is a single (height, width) pair, but there are {count} images: give one pair per image")
+            raise ValueError(
+                f"target_sizes={target_sizes!r} is a single (height, width) pair, but there are {count} images: give one pair per image"
+            )
         values = [values]
     if len(values) != count:
         raise ValueError(f"target_sizes must hold one (height, width) pair per image ({count}), got {len(values)} entries")

@@ -60,7 +60,9 @@ def _check_boxes(kind: str, image_id: int, boxes) -> None:
         if not all(math.isfinite(value) for value in box):
             raise ValueError(f"{kind} of image {image_id}: boxes[{index}] = {list(box)} is not finite")
         if box[2] < 0 or box[3] < 0:
-            raise ValueError(f"{kind} of image {image_id}: boxes[{index}] = {list(box)} has a negative width or height (COCO boxes are [x, y, w, h])")
+            raise ValueError(
+                f"{kind} of image {image_id}: boxes[{index}] = {list(box)} has a negative width or height (COCO boxes are [x, y, w, h])"
+            )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

@@ -53,7 +53,8 @@ def _check_arguments(topk, iou_threshold, merge_boxes) -> None:
 def _boxes(boxes, index: int, kind: str) -> np.ndarray:
     """[x1, y1, x2, y2] boxes of one phrase -> (N, 4) float64; ValueError when not finite or with x2 < x1 / y2 < y1."""
     array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    for name, bad in (("not finite", ~np.isfinite(array).all(1)), ("x2 < x1 or y2 < y1", (array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))):
+    inverted = (array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1])
+    for name, bad in (("not finite", ~np.isfinite(array).all(1)), ("x2 < x1 or y2 < y1", inverted)):
         if bad.any():
             row = int(np.argmax(bad))
             raise ValueError(f"{kind} of phrase {index}: boxes[{row}] = {array[row].tolist()} is {name} (boxes are [x1, y1, x2, y2])")
