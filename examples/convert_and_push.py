@@ -10,8 +10,9 @@ Verification before anything is pushed:
 2. the converted tensors carry all of the original's weights (the same number of values; only recomputed buffers
    are dropped);
 3. a forward on a real photo with a COCO-style prompt gives finite outputs and detections;
-4. with `--fixture DIR` (the golden fixture produced by the original code, `../shared/reference`), the converted
-   tiny model's head outputs are compared with the original's (max abs diff reported, must be <= 1e-4).
+4. with `--fixture DIR` (a folder with `tiny_glip_fixture.safetensors`, the golden fixture produced by the original
+   code; not part of this repository, the tests read it from GLIP_REFERENCE_DIR), the converted tiny model's head
+   outputs are compared with the original's (max abs diff reported, must be <= 1e-4).
 """
 
 import argparse
@@ -81,8 +82,10 @@ def smoke_detect(model: GLIPModel, processor: GLIPProcessor) -> list:
     for name in ("logits", "pred_boxes", "centerness"):
         if not torch.isfinite(getattr(outputs, name)).all():
             raise RuntimeError(f"non-finite {name} on the smoke image")
-    # threshold 0: report the five best boxes whatever their score (random-weight test models score ~0.01)
-    (result,) = processor.post_process_grounded_object_detection(outputs, inputs, threshold=0.0, target_sizes=[(image.height, image.width)])
+    # candidate threshold 0: report the five best boxes whatever their score (random-weight test models score ~0.01)
+    (result,) = processor.post_process_grounded_object_detection(
+        outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=0.0
+    )
     return [(name, round(score, 3)) for name, score in zip(result["text_labels"][:5], result["scores"][:5].tolist())]
 
 

@@ -1,52 +1,99 @@
 """`glip-detect`: zero-shot detection on image files from the command line.
 
     glip-detect IMAGE [IMAGE ...] (--labels "cat, remote control" | --caption "a cat on a couch" [--phrases "a cat; a couch"])
-                [--model DIR_OR_REPO] [--threshold 0.3] [--top-k N] [--output-dir detections]
+                [--model DIR_OR_REPO] [--threshold 0.3] [--candidate-threshold T] [--top-k N] [--output-dir detections]
 
-Prints a table per image, writes `detections.json` (COCO results format plus the category names) and an annotated
-PNG per image into the output directory. Works offline with a local checkpoint.
+Prints a table per image and writes into the output directory:
+
+* `detections.json`: COCO results, a JSON list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"};
+* `detections_info.json`: the run as a COCO dataset without annotations ("images", "categories": ids follow the order
+  of --labels / --phrases) plus "failed_images", so that
+  `COCO("detections_info.json").loadRes("detections.json")` (pycocotools) loads the results;
+* an annotated PNG per image (`<stem>_detections.png`, numbered when two inputs share a stem).
+
+An image that cannot be read or processed is reported on one line and skipped; both JSON files are always written
+(atomically), also when images fail or the run is interrupted. Exit status: 0, 1 when some image failed, 2 for bad
+arguments, 130 when interrupted. Works offline with a local checkpoint.
 """
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-from torchvision.utils import draw_bounding_boxes
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from processing import load_rgb_image, post_processing_limits
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "glip-demo"
+DEFAULT_THRESHOLD = 0.3
 CONVERT_HINT = (
     "Convert the official GLIP weights first, e.g.\n"
     "  python -m modeling_glip.convert_glip_original_to_hf --checkpoint glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t\n"
     "then pass --model glip-t."
 )
+# 20 colours far apart from each other (one per category, cycled)
+PALETTE = (
+    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c", "#fabebe",
+    "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1", "#000075", "#808080",
+)  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _fraction(include_one: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not 0.0 <= value <= 1.0 or (value == 1.0 and not include_one):
+            raise argparse.ArgumentTypeError(f"must be in [0, {'1]' if include_one else '1)'}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glip-detect", description="GLIP zero-shot object detection on image files.")
     parser.add_argument("images", nargs="+", help="image files")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--labels", help='comma-separated class names, e.g. "cat, remote control"')
     prompt.add_argument("--caption", help="a free caption; its phrases are scored (see --phrases)")
-    parser.add_argument("--phrases", help='"; "-separated phrases of --caption to detect (default: the caption split at "." and ",")')
+    parser.add_argument(
+        "--phrases", help='phrases of --caption to detect, separated by ";" or "," (default: the caption split at "." and ",")'
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory or Hub repo id (default: the bundled demo checkpoint)")
-    parser.add_argument("--threshold", type=float, default=0.3, help="minimum detection score to report (default 0.3)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep at most this many detections per image")
-    parser.add_argument("--output-dir", default="detections", help="where detections.json and the annotated PNGs go")
-    args = parser.parse_args(argv)
-    if args.phrases and not args.caption:
-        parser.error("--phrases needs --caption")
-    return args
+    parser.add_argument(
+        "--threshold",
+        type=_fraction(True),
+        default=DEFAULT_THRESHOLD,
+        help=f"report detections whose score is >= this (default {DEFAULT_THRESHOLD})",
+    )
+    parser.add_argument(
+        "--candidate-threshold",
+        type=_fraction(False),
+        help="GLIP's candidate threshold on the label probability before centerness (INFERENCE_TH; default: the model config's)",
+    )
+    parser.add_argument("--top-k", type=_positive_int, default=None, help="keep at most this many detections per image")
+    parser.add_argument("--output-dir", default="detections", help="where detections.json, detections_info.json and the annotated PNGs go")
+    return parser
 
 
-def prompt_from_args(args) -> dict:
+def prompt_from_args(args: argparse.Namespace) -> dict:
     """Processor text arguments for the chosen prompt kind; raises ValueError on an empty prompt."""
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",") if label.strip()]
@@ -56,10 +103,16 @@ def prompt_from_args(args) -> dict:
     caption = args.caption.strip()
     if not caption:
         raise ValueError("--caption is empty")
-    separators = ";" if args.phrases else None
-    source = args.phrases if args.phrases else caption.replace(",", ".")
-    phrases = [p.strip() for p in (source.split(separators) if separators else source.split(".")) if p.strip()]
+    source, separators = (args.phrases, r"[;,]") if args.phrases else (caption, r"[.,]")
+    phrases = [phrase.strip() for phrase in re.split(separators, source) if phrase.strip()]
+    if not phrases:
+        raise ValueError("--phrases is empty" if args.phrases else "--caption has no phrase (it is only punctuation)")
     return {"text": caption, "phrases": phrases}
+
+
+def category_names(prompt: dict) -> List[str]:
+    """Names in prompt order: category i + 1 of the outputs is names[i] (post-processing's label i)."""
+    return list(prompt["phrases"] if "phrases" in prompt else prompt["text"])
 
 
 def load_model(model_path: str):
@@ -74,23 +127,44 @@ def load_model(model_path: str):
     return model, processor
 
 
-def detect(model, processor, image: Image.Image, prompt: dict, threshold: float, top_k: Optional[int]) -> dict:
-    """One image -> {"scores", "text_labels", "boxes" (xyxy in image pixels)} above `threshold`, best first."""
+def detect(model, processor, image: Image.Image, prompt: dict, threshold: float, top_k: Optional[int], limits: dict) -> dict:
+    """One image -> {"scores", "labels", "text_labels", "boxes" (xyxy in image pixels)} with score >= `threshold`, best first."""
     inputs = processor(images=[image], text=prompt["text"], phrases=prompt.get("phrases"))
     with torch.no_grad():
         outputs = model(**inputs)
     (result,) = processor.post_process_grounded_object_detection(
-        outputs, inputs, target_sizes=[(image.height, image.width)], **post_processing_limits(model.config)
+        outputs, inputs, threshold=threshold, target_sizes=[(image.height, image.width)], **limits
     )
-    keep = result["scores"] >= threshold
-    indices = keep.nonzero().flatten()[: top_k if top_k else None]
-    return {"scores": result["scores"][indices], "labels": result["labels"][indices], "text_labels": [result["text_labels"][i] for i in indices.tolist()], "boxes": result["boxes"][indices]}
+    return {name: values[:top_k] for name, values in result.items()}
+
+
+def _text_colour(colour: str) -> str:
+    red, green, blue = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
 
 
 def annotate(image: Image.Image, detections: dict) -> Image.Image:
-    names = [f"{name} {score:.2f}" for name, score in zip(detections["text_labels"], detections["scores"].tolist())]
-    drawn = draw_bounding_boxes(pil_to_tensor(image), detections["boxes"], labels=names, colors="red", width=2)
-    return to_pil_image(drawn)
+    """Boxes and "name score" tags drawn on a copy of `image`: one colour per category, a filled tag behind the text,
+    line width and font scaled to the image, tags kept inside the frame. The best detection is drawn last (on top)."""
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    short_side = min(canvas.size)
+    line_width = max(1, round(short_side / 250))
+    font = ImageFont.load_default(size=max(9, round(short_side / 35)))
+    padding = max(1, line_width)
+    drawn = zip(detections["labels"].tolist(), detections["text_labels"], detections["scores"].tolist(), detections["boxes"].tolist())
+    for label, name, score, box in reversed(list(drawn)):
+        colour = PALETTE[label % len(PALETTE)]
+        draw.rectangle(box, outline=colour, width=line_width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tag_width, tag_height = right - left + 2 * padding, bottom - top + 2 * padding
+        x = min(max(box[0], 0), max(canvas.width - tag_width, 0))
+        y = box[1] - tag_height if box[1] - tag_height >= 0 else box[1]  # above the box when it fits, else inside
+        y = min(max(y, 0), max(canvas.height - tag_height, 0))
+        draw.rectangle((x, y, x + tag_width, y + tag_height), fill=colour)
+        draw.text((x + padding - left, y + padding - top), text, fill=_text_colour(colour), font=font)
+    return canvas
 
 
 def print_table(path: str, detections: dict) -> None:
@@ -101,35 +175,89 @@ def print_table(path: str, detections: dict) -> None:
         print(f"  {name:<24} {score:6.3f}   ({box[0]:7.1f}, {box[1]:7.1f}, {box[2]:7.1f}, {box[3]:7.1f})")
 
 
+def annotated_names(paths: Sequence[str]) -> List[str]:
+    """One output PNG name per input: `<stem>_detections.png`, or, when two inputs share a stem (a/x.png, b/x.png),
+    every name prefixed with its zero-padded input index, which keeps them unique."""
+    stems = [Path(path).stem for path in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{stem}_detections.png" for stem in stems]
+    width = len(str(len(paths) - 1))
+    return [f"{index:0{width}d}_{stem}_detections.png" for index, stem in enumerate(stems)]
+
+
+def write_atomically(path: Path, write: Callable[[object], None]) -> None:
+    """`write(binary file)` into a temporary file beside `path`, then rename it over `path` (never a partial file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_reports(output_dir: Path, results: list, images: list, categories: List[str], failures: list) -> None:
+    categories = [{"id": index + 1, "name": name} for index, name in enumerate(categories)]
+    info = {"images": images, "categories": categories, "failed_images": failures}
+    for name, content in (("detections.json", results), ("detections_info.json", info)):
+        write_atomically(output_dir / name, lambda handle, content=content: handle.write(json.dumps(content, indent=1).encode()))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.phrases is not None and args.caption is None:
+        parser.error("--phrases needs --caption")
     try:
         prompt = prompt_from_args(args)
     except ValueError as error:
-        raise SystemExit(f"glip-detect: {error}")
+        parser.error(str(error))
     model, processor = load_model(args.model)
+    try:
+        processor(text=prompt["text"], phrases=prompt.get("phrases"))  # duplicates, unknown phrases, too long: before any image
+    except ValueError as error:
+        parser.error(f"{'--labels' if args.labels is not None else '--caption / --phrases'}: {_one_line(error)}")
+    limits = post_processing_limits(model.config, candidate_threshold=args.candidate_threshold)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output-dir {output_dir}: {_one_line(error)}")
 
-    categories, results, failures = {}, [], []
-    for image_id, path in enumerate(tqdm(args.images, desc="images", unit="img", disable=len(args.images) < 2)):
-        try:
-            image = load_rgb_image(path)
-        except ValueError as error:
-            failures.append(path)
-            print(f"glip-detect: cannot read image {path}: {error}", file=sys.stderr)
-            continue
-        detections = detect(model, processor, image, prompt, args.threshold, args.top_k)
-        print_table(path, detections)
-        annotate(image, detections).save(output_dir / f"{Path(path).stem}_detections.png")
-        for name, score, box in zip(detections["text_labels"], detections["scores"].tolist(), detections["boxes"].tolist()):
-            category_id = categories.setdefault(name, len(categories) + 1)
-            x1, y1, x2, y2 = box
-            results.append({"image_id": image_id, "file_name": str(path), "category_id": category_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-
-    report = {"categories": [{"id": i, "name": n} for n, i in categories.items()], "annotations": results, "failed_images": failures}
-    (output_dir / "detections.json").write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {output_dir / 'detections.json'} and {len(args.images) - len(failures)} annotated image(s) to {output_dir}/")
+    categories = category_names(prompt)
+    results, images, failures = [], [], []
+    png_names = annotated_names(args.images)
+    done = 0
+    try:
+        for image_id, path in enumerate(tqdm(args.images, desc="images", unit="img", disable=len(args.images) < 2)):
+            try:
+                image = load_rgb_image(path)
+                detections = detect(model, processor, image, prompt, args.threshold, args.top_k, limits)
+                write_atomically(output_dir / png_names[image_id], lambda handle: annotate(image, detections).save(handle, format="PNG"))
+            except (ValueError, OSError, RuntimeError) as error:  # this image only: unreadable, too elongated, out of memory
+                failures.append({"file_name": str(path), "error": f"{type(error).__name__}: {_one_line(error)}"})
+                print(f"glip-detect: skipped {path}: {_one_line(error)}", file=sys.stderr)
+                continue
+            print_table(path, detections)
+            images.append(
+                {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height, "annotated_image": png_names[image_id]}
+            )
+            for label, score, box in zip(detections["labels"].tolist(), detections["scores"].tolist(), detections["boxes"].tolist()):
+                x1, y1, x2, y2 = box
+                results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            done += 1
+    except KeyboardInterrupt:
+        print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(args.images)} image(s)", file=sys.stderr)
+        return 130
+    finally:  # whatever happened, the finished images are on disk
+        write_reports(output_dir, results, images, categories, failures)
+    print(f"\nwrote {output_dir / 'detections.json'}, {output_dir / 'detections_info.json'} and {done} annotated image(s) to {output_dir}/")
+    if failures:
+        print(f"glip-detect: {len(failures)} of {len(args.images)} image(s) failed (listed in detections_info.json)", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -10,6 +10,36 @@ from transformers.configuration_utils import SubConfigSpec
 # GLIP consumes Swin stages 3..5 (strides 8, 16, 32); transformers names them stage2..stage4 (swin_backbone.md).
 GLIP_SWIN_OUT_FEATURES = ["stage2", "stage3", "stage4"]
 
+# Fields that, for given weights, change the model's outputs or which weights exist (anchors, box decoding, clamps,
+# fusion / DyHead layout, GroupNorm, prompt tuning). A saved config always has them; a config dict or JSON that lacks
+# one would silently fall back to the GLIP-T default, which may not be what the weights were trained with, so
+# `from_dict` / `from_pretrained` refuse it. Training-only fields (losses, dropout, initialisation) and post-processing
+# / preprocessing defaults are not in the list: their defaults are GLIP's.
+WEIGHT_DEPENDENT_FIELDS = (
+    "backbone_config",
+    "text_config",
+    "hidden_size",
+    "num_fusion_layers",
+    "fusion_num_heads",
+    "fusion_embed_dim",
+    "clamp_value",
+    "use_dyrelu",
+    "use_dyfuse",
+    "use_deformable_conv",
+    "group_norm_num_groups",
+    "group_norm_eps",
+    "dyrelu_reduction",
+    "num_classes_cls_logits",
+    "anchor_sizes",
+    "anchor_strides",
+    "anchor_aspect_ratios",
+    "anchor_octave",
+    "anchor_scales_per_octave",
+    "box_coder_weights",
+    "bbox_xform_clip",
+    "text_prompt_length",
+)
+
 
 @strict
 class GLIPConfig(PreTrainedConfig):
@@ -17,6 +47,9 @@ class GLIPConfig(PreTrainedConfig):
     Configuration of a [`GLIPModel`]: Swin backbone + FPN (P3-P7), BERT text encoder, VLDyHead fusion tower and ATSS head.
 
     Defaults reproduce GLIP-T (`glip_Swin_T_O365_GoldG.yaml`); see `GLIPConfig.glip_t()` and `GLIPConfig.glip_l()`.
+    A config loaded from a dict or file (`from_dict`, `from_pretrained`, the Auto classes) must hold every field of
+    `WEIGHT_DEPENDENT_FIELDS` (anchors, box coder, clamp, fusion / DyHead layout, GroupNorm, prompt tuning, the
+    sub-configs): a missing one is a ValueError instead of a silent GLIP-T default. `save_pretrained` always writes them.
     Section numbers refer to `docs/glip_architecture.md` (the porting report).
 
     Args:
@@ -111,6 +144,21 @@ class GLIPConfig(PreTrainedConfig):
         if self.text_config is None:
             self.text_config = BertConfig()
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "GLIPConfig":
+        """A config from a saved dict (`from_pretrained` and the Auto classes come here): every field of
+        `WEIGHT_DEPENDENT_FIELDS` must be in `config_dict` (or in `kwargs`), else ValueError naming the missing ones.
+        Configs built in code (`GLIPConfig(...)`, `glip_t()`, `glip_l()`) keep their defaults."""
+        missing = [name for name in WEIGHT_DEPENDENT_FIELDS if name not in config_dict and name not in kwargs]
+        if missing:
+            raise ValueError(
+                f"This GLIP config lacks {missing}, on which the weights' outputs depend; their defaults (GLIP-T) may not "
+                "be the values the weights were trained with. Add them to config.json with the training values (a config "
+                "saved by GLIPConfig.save_pretrained has them all; for the released GLIP-T / GLIP-L see "
+                "GLIPConfig.glip_t().to_dict() / glip_l().to_dict()), or pass them to from_pretrained as keyword arguments."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def validate_architecture(self):
         """Checks the relations between fields that the original hard-wires."""

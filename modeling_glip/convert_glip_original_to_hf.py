@@ -2,19 +2,32 @@
 
 Usage:
     python -m modeling_glip.convert_glip_original_to_hf --checkpoint glip_tiny_model_o365_goldg.pth --output glip-t \\
-        [--config-yaml configs/pretrain/glip_Swin_T_O365_GoldG.yaml] [--push-to-hub org/name]
+        [--config-yaml glip_Swin_T_O365_GoldG.yaml] [--push-to-hub org/name]
 
+(the checkpoint and the YAML configs are those released in the microsoft/GLIP repository)
+
+The checkpoint is the original's `.pth` (loaded with torch.load(weights_only=True); a file that needs full unpickling
+is refused unless --allow-unsafe-pickle is given for a trusted file) or a `.safetensors` copy of its state dict.
 Every original key is either mapped or explicitly dropped (recomputed buffers); anything else is an error, and so is a
-missing key. Key layout of the original: glip_architecture.md sections 0 and 10; Swin mapping: swin_backbone.md.
+missing key. Without --config-yaml the architecture is inferred from the key shapes. The output folder is written
+completely or not at all: it must not exist, be empty, or hold an earlier conversion (which is replaced). See the
+README section "Converting the official weights"; the key mapping is `_rename` in
+modeling_glip/convert_glip_original_to_hf.py, tested in tests/test_converter.py.
 """
 
 import argparse
+import json
+import os
 import re
+import shutil
+import uuid
+import zipfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import BertConfig
 
 from .anchor_generator import cell_anchors_per_level
@@ -86,13 +99,36 @@ def _rename(key: str, num_fusion_layers: int) -> Optional[str]:
     return None
 
 
+# key prefixes of the original GeneralizedVLRCNN, and prefixes only a GLIPModel state dict has
+ORIGINAL_PREFIXES = ("backbone.body.", "backbone.fpn.", "language_backbone.", "rpn.")
+CONVERTED_PREFIXES = ("text_model.", "head.")
+
+
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
-    """Take the model state dict out of a training checkpoint: `{"model": ...}` and a `module.` prefix on all keys."""
+    """Take the model state dict out of a training checkpoint (`{"model": ...}` and a `module.` prefix on all keys) and
+    check that it is an original GLIP state dict of tensors; ValueError saying what the file is otherwise."""
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not state_dict:
         raise ValueError("The checkpoint holds no state dict (expected a mapping of tensors, or one under 'model').")
-    if all(key.startswith("module.") for key in state_dict):
+    if all(isinstance(key, str) and key.startswith("module.") for key in state_dict):
         state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"The checkpoint's state dict has {len(not_tensors)} entries that are not tensors (first: {not_tensors[:5]}); "
+            "it is not a model state dict."
+        )
+    if not any(key.startswith(ORIGINAL_PREFIXES) for key in state_dict):
+        if any(key.startswith(CONVERTED_PREFIXES) for key in state_dict):
+            raise ValueError(
+                "This is a checkpoint already converted to GLIPModel (keys such as "
+                f"{sorted(state_dict)[:2]}), not an original GLIP one: load its folder with GLIPModel.from_pretrained "
+                "(or AutoModelForZeroShotObjectDetection.from_pretrained) instead of converting it."
+            )
+        raise ValueError(
+            f"This is not an original GLIP checkpoint: none of its {len(state_dict)} keys starts with {ORIGINAL_PREFIXES} "
+            f"(first keys: {sorted(state_dict)[:5]}). Pass the microsoft/GLIP .pth (e.g. glip_tiny_model_o365_goldg.pth)."
+        )
     return state_dict
 
 
@@ -117,7 +153,10 @@ def convert_original_state_dict(state_dict: Dict[str, torch.Tensor], config: GLI
         else:
             converted[new_key] = value
     if unexpected:
-        raise ValueError(f"{len(unexpected)} checkpoint keys have no GLIPModel counterpart: {unexpected[:20]}")
+        raise ValueError(
+            f"{len(unexpected)} checkpoint keys have no GLIPModel counterpart: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
+            "(an architecture this port does not implement, or a config with fewer fusion layers than the checkpoint)"
+        )
     if scales:
         if sorted(scales) != list(range(len(config.anchor_strides))):
             raise ValueError(f"Expected one `rpn.head.scales.{{0..{len(config.anchor_strides) - 1}}}.scale`, got levels {sorted(scales)}")
@@ -139,6 +178,34 @@ def _max_index(state_dict, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+_TEXT_PREFIX = "language_backbone.body.model."
+
+
+def _keys_for_inference(num_stages: int, needs_text_config: bool) -> List[str]:
+    """The original keys whose shapes `infer_config_from_state_dict` reads."""
+    keys = [
+        "backbone.body.patch_embed.proj.weight",
+        "backbone.fpn.fpn_inner4.weight",
+        "rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight",
+        "rpn.head.cls_logits.weight",
+    ]
+    keys += [f"backbone.body.layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(max(num_stages, 1))]
+    keys.append(_TEXT_PREFIX + "embeddings.word_embeddings.weight")
+    if needs_text_config:
+        suffixes = ("encoder.layer.0.intermediate.dense.weight", "embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight")
+        keys += [_TEXT_PREFIX + suffix for suffix in suffixes]
+    return keys
+
+
+def _require_keys(state_dict: Dict[str, torch.Tensor], keys: List[str]) -> None:
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Cannot infer the architecture: the checkpoint lacks {missing}. It is an incomplete or non-GLIP checkpoint "
+            "(--config-yaml reads the architecture from the original YAML instead, but every weight must still be present)."
+        )
+
+
 def infer_config_from_state_dict(state_dict: Dict[str, torch.Tensor], text_config: Optional[BertConfig] = None, **kwargs) -> GLIPConfig:
     """Build a `GLIPConfig` from the key shapes of an original state dict (Swin, FPN, BERT and head sizes).
 
@@ -146,14 +213,15 @@ def infer_config_from_state_dict(state_dict: Dict[str, torch.Tensor], text_confi
     `text_config` is given.
     """
     sd = unwrap_state_dict(state_dict)
-    embed_dim = sd["backbone.body.patch_embed.proj.weight"].shape[0]
     num_stages = _max_index(sd, r"^backbone\.body\.layers\.(\d+)\.")
+    _require_keys(sd, _keys_for_inference(num_stages, text_config is None))
+    embed_dim = sd["backbone.body.patch_embed.proj.weight"].shape[0]
     depths = [_max_index(sd, rf"^backbone\.body\.layers\.{i}\.blocks\.(\d+)\.") for i in range(num_stages)]
     num_heads = [sd[f"backbone.body.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(num_stages)]
     window_size = (round(sd["backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0] ** 0.5) + 1) // 2
     backbone = swin_backbone_config(embed_dim, depths, num_heads, window_size, drop_path_rate=0.4 if embed_dim >= 192 else 0.2)
 
-    prefix = "language_backbone.body.model."
+    prefix = _TEXT_PREFIX
     hidden = sd[prefix + "embeddings.word_embeddings.weight"].shape[1]
     if text_config is None:
         if hidden % 64:
@@ -182,14 +250,28 @@ def infer_config_from_state_dict(state_dict: Dict[str, torch.Tensor], text_confi
     return GLIPConfig(**{**derived, **kwargs})
 
 
-def _load_yaml(path: Path) -> dict:
-    cfg = yaml.safe_load(path.read_text()) or {}
+def _load_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> dict:
+    """An original YAML config merged over its `_BASE_` chain (each base relative to the file naming it)."""
+    path = path.resolve()
+    if path in chain:
+        raise ValueError(f"_BASE_ cycle in the GLIP YAML configs: {' -> '.join(str(p) for p in (*chain, path))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"GLIP YAML config {path} does not exist" + (f" (the _BASE_ of {chain[-1]})" if chain else ""))
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid YAML file: {' '.join(str(error).split())}") from None
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a GLIP YAML config: its top level is a {type(cfg).__name__}, not a mapping")
     base = cfg.pop("_BASE_", None)
-    if base:
-        merged = _load_yaml((path.parent / base).resolve())
-        _deep_update(merged, cfg)
-        return merged
-    return cfg
+    if base in (None, ""):
+        return cfg
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: _BASE_ must be a path relative to this file, got {base!r}")
+    merged = _load_yaml(path.parent / base, (*chain, path))
+    _deep_update(merged, cfg)
+    return merged
 
 
 def _deep_update(target: dict, update: dict) -> None:
@@ -206,11 +288,33 @@ def config_from_original_yaml(path: Union[str, Path], text_config: Optional[Unio
     Keys absent from the file take the GLIP-T values (the stock YAMLs only list overrides of maskrcnn_benchmark's
     defaults). Configurations this port does not implement are refused. The BERT architecture comes from
     LANGUAGE_BACKBONE.MODEL_TYPE (bert-base-uncased); for another text model pass `text_config`.
+
+    Raises:
+        FileNotFoundError: the file or one of its `_BASE_`s does not exist.
+        ValueError (naming the file): malformed YAML, a `_BASE_` cycle, a section or value of the wrong type, or a
+            configuration the port does not implement.
     """
     cfg = _load_yaml(Path(path))
-    model = cfg.get("MODEL", {})
-    get = lambda section, key, default: (model.get(section) or {}).get(key, default)  # noqa: E731
-    fuse = get("DYHEAD", "FUSE_CONFIG", {}) or {}
+    try:
+        return _config_from_cfg(cfg, text_config)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"{path}: {' '.join(str(error).split())}") from error
+
+
+def _section(mapping: dict, key: str) -> dict:
+    """`mapping[key]` as a mapping ({} when absent or empty); ValueError when it is something else."""
+    value = mapping.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping of settings, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _config_from_cfg(cfg: dict, text_config: Optional[Union[BertConfig, dict]]) -> GLIPConfig:
+    model = _section(cfg, "MODEL")
+    get = lambda section, key, default: _section(model, section).get(key, default)  # noqa: E731
+    fuse = _section(_section(model, "DYHEAD"), "FUSE_CONFIG")
 
     unsupported = []
     if model.get("RPN_ARCHITECTURE", "VLDYHEAD") != "VLDYHEAD":
@@ -248,9 +352,9 @@ def config_from_original_yaml(path: Union[str, Path], text_config: Optional[Unio
         window_size=get("SWINT", "WINDOW_SIZE", 7),
         drop_path_rate=get("SWINT", "DROP_PATH_RATE", 0.2),
     )
-    group_norm = model.get("GROUP_NORM", {}) or {}
-    test = cfg.get("TEST", {}) or {}
-    inputs = cfg.get("INPUT", {}) or {}
+    group_norm = _section(model, "GROUP_NORM")
+    test = _section(cfg, "TEST")
+    inputs = _section(cfg, "INPUT")
     return GLIPConfig(
         backbone_config=backbone,
         text_config=text_config,
@@ -282,30 +386,66 @@ def config_from_original_yaml(path: Union[str, Path], text_config: Optional[Unio
         score_aggregation=str(get("DYHEAD", "SCORE_AGG", "MEAN")).lower(),
         min_size_test=inputs.get("MIN_SIZE_TEST", 800),
         max_size_test=inputs.get("MAX_SIZE_TEST", 1333),
-        size_divisibility=(cfg.get("DATALOADER", {}) or {}).get("SIZE_DIVISIBILITY", 32),
+        size_divisibility=_section(cfg, "DATALOADER").get("SIZE_DIVISIBILITY", 32),
         **({"detections_per_image": test["DETECTIONS_PER_IMG"]} if "DETECTIONS_PER_IMG" in test else {}),
     )
 
 
+def _checkpoint_format(path: Path) -> Optional[str]:
+    """"torch" (a zip archive or a legacy pickle), "safetensors" or None, from the file's first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # pickle protocol marker
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return "safetensors"
+    return None
+
+
+def _torch_load(path: Path, allow_unsafe_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except Exception as error:  # torch raises UnpicklingError / RuntimeError / KeyError on bad files
+        message = " ".join(str(error).split())
+        refused = re.search(r"GLOBAL ([\w.]+) was not an allowed global", message)
+        if refused and not allow_unsafe_pickle:
+            raise ValueError(
+                f"{path} is a PyTorch checkpoint that also pickles Python objects ({refused[1]}), which "
+                "torch.load(weights_only=True) refuses to run. Only if you trust the file, pass --allow-unsafe-pickle "
+                "(allow_unsafe_pickle=True) to unpickle it fully."
+            ) from error
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {message[:200]}): it is corrupt or not a checkpoint"
+        ) from error
+
+
 def load_original_checkpoint(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """Load a `.pth` (weights only unless explicitly allowed) or `.safetensors` original checkpoint."""
+    """Load an original checkpoint: a `.pth` (weights only unless explicitly allowed) or a `.safetensors` state dict,
+    told apart by content. Raises FileNotFoundError, or ValueError saying what the file is and what to do (not a
+    checkpoint, a corrupt one, one pickling Python objects, an already converted GLIPModel, not GLIP)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}")
-    if path.suffix == ".safetensors":
+    file_format = _checkpoint_format(path)
+    if file_format == "torch":
+        checkpoint = _torch_load(path, allow_unsafe_pickle)
+    elif file_format == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except Exception as error:  # torch raises UnpicklingError (or RuntimeError wrapping it) for disallowed globals
-        if allow_unsafe_pickle:
-            raise
+        try:
+            checkpoint = load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error}): it is corrupt or truncated") from error
+    else:
         raise ValueError(
-            f"{path} cannot be loaded with torch.load(weights_only=True) ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "Only if you trust the file, pass --allow-unsafe-pickle (allow_unsafe_pickle=True) to unpickle it fully."
-        ) from error
-    return unwrap_state_dict(checkpoint)
+            f"{path} is neither a PyTorch checkpoint (.pth: a zip archive or a pickle) nor a safetensors file; pass the "
+            "original GLIP checkpoint (e.g. glip_tiny_model_o365_goldg.pth)"
+        )
+    try:
+        return unwrap_state_dict(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def build_processor(config: GLIPConfig, tokenizer: str = "bert-base-uncased"):
@@ -325,6 +465,47 @@ def build_processor(config: GLIPConfig, tokenizer: str = "bert-base-uncased"):
     return GLIPProcessor(image_processor=image_processor, tokenizer=bert_tokenizer, max_text_len=config.max_text_len)
 
 
+def check_output_folder(output_dir: Path) -> None:
+    """The output must not exist, be an empty folder, or hold an earlier GLIP conversion (replaced on success): the
+    converter never mixes its files into, or deletes, any other folder."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} exists and is not a folder")
+    if not any(output_dir.iterdir()):
+        return
+    try:
+        model_type = json.loads((output_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "glip":
+        raise ValueError(f"output {output_dir} is a folder that holds other files than a GLIP checkpoint; choose a new folder or empty it")
+
+
+def save_folder_atomically(output_dir: Path, save: Callable[[Path], None]) -> None:
+    """`save(folder)` into a new folder beside `output_dir`, then rename it to `output_dir` (an earlier checkpoint
+    there is swapped out and deleted only then): a failure leaves neither a partial folder nor a damaged target."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{tag}")
+    previous = output_dir.with_name(f".{output_dir.name}.previous-{tag}")
+    staging.mkdir()
+    try:
+        save(staging)
+        if output_dir.exists():
+            os.replace(output_dir, previous)
+            try:
+                os.replace(staging, output_dir)
+            except BaseException:
+                os.replace(previous, output_dir)
+                raise
+            shutil.rmtree(previous)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert(
     checkpoint_path: Union[str, Path],
     output_dir: Union[str, Path],
@@ -335,20 +516,25 @@ def convert(
     tokenizer: str = "bert-base-uncased",
 ) -> Tuple["GLIPModel", GLIPConfig]:  # noqa: F821
     """Checkpoint -> `GLIPModel` + `GLIPProcessor` saved in `output_dir` (config.json, model.safetensors, processor and
-    tokenizer files); returns the model and its config."""
+    tokenizer files), all or nothing (see `check_output_folder`); returns the model and its config."""
     from .modeling_glip import GLIPModel
 
+    output_dir = Path(output_dir)
+    check_output_folder(output_dir)  # before the minutes of loading a large checkpoint
     state_dict = load_original_checkpoint(checkpoint_path, allow_unsafe_pickle)
     config = config_from_original_yaml(config_yaml, text_config) if config_yaml else infer_config_from_state_dict(state_dict, text_config)
     converted = convert_original_state_dict(state_dict, config)
     model = GLIPModel(config)
     result = model.load_state_dict(converted, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"Conversion mismatch: missing {result.missing_keys[:20]}, unexpected {result.unexpected_keys[:20]}")
+        raise ValueError(
+            f"The checkpoint does not fill the GLIPModel its config describes: {len(result.missing_keys)} weights missing "
+            f"{result.missing_keys[:20]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:20]} (an "
+            "incomplete checkpoint, or a --config-yaml of another architecture)"
+        )
     model.eval()
     processor = build_processor(config, tokenizer)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    save_folder_atomically(output_dir, lambda folder: (model.save_pretrained(folder), processor.save_pretrained(folder)))
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
@@ -365,8 +551,14 @@ def main(argv=None):
     parser.add_argument("--allow-unsafe-pickle", action="store_true", help="fully unpickle a .pth that weights_only refuses (trusted files only)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push the converted model to this Hub repo")
     args = parser.parse_args(argv)
-    text_config = BertConfig.from_pretrained(args.text_config) if args.text_config else None
-    convert(args.checkpoint, args.output, args.config_yaml, text_config, args.allow_unsafe_pickle, args.push_to_hub, args.tokenizer)
+    try:
+        text_config = BertConfig.from_pretrained(args.text_config) if args.text_config else None
+    except (OSError, ValueError) as error:
+        parser.error(f"--text-config {args.text_config}: {' '.join(str(error).split())}")
+    try:
+        convert(args.checkpoint, args.output, args.config_yaml, text_config, args.allow_unsafe_pickle, args.push_to_hub, args.tokenizer)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(1, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     print(f"Saved GLIPModel to {args.output}")
 
 

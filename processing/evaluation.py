@@ -61,7 +61,7 @@ def predict_coco(
     categories: Sequence[dict],
     image_root: Optional[Union[str, Path]] = None,
     names_per_chunk: Optional[int] = None,
-    threshold: float = 0.05,
+    candidate_threshold: float = 0.05,
     max_detections: int = 100,
 ) -> List[dict]:
     """Detect every category in every record's image -> `coco_detection` metric predictions (one dict per image).
@@ -76,7 +76,8 @@ def predict_coco(
         categories: COCO categories ({"id", "name"}); prompts list them in this order.
         image_root: folder the `file_name`s are relative to.
         names_per_chunk: optional cap on class names per prompt chunk (TEST.CHUNKED_EVALUATION).
-        threshold, max_detections: post-processing (INFERENCE_TH, DETECTIONS_PER_IMG per chunk).
+        candidate_threshold, max_detections: post-processing (INFERENCE_TH, DETECTIONS_PER_IMG per chunk); no
+            final-score cut, as the original's evaluation.
     """
     names = [category["name"] for category in categories]
     ids = [category["id"] for category in categories]
@@ -88,7 +89,7 @@ def predict_coco(
         inputs = processor(images=[image], text=names, names_per_chunk=names_per_chunk).to(device)
         outputs = model(**inputs)
         result = processor.post_process_grounded_object_detection(
-            outputs, inputs, threshold=threshold, target_sizes=[(image.height, image.width)], max_detections=max_detections
+            outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=candidate_threshold, max_detections=max_detections
         )[0]
         predictions.append(
             {
@@ -103,7 +104,13 @@ def predict_coco(
 
 @torch.no_grad()
 def predict_grounding(
-    model, processor, image, caption: str, phrase_spans: Sequence[Tuple[int, int]], threshold: float = 0.0, max_detections: int = 100
+    model,
+    processor,
+    image,
+    caption: str,
+    phrase_spans: Sequence[Tuple[int, int]],
+    candidate_threshold: float = 0.0,
+    max_detections: int = 100,
 ) -> List[List[List[float]]]:
     """Ground each phrase of a caption -> per phrase its predicted xyxy boxes (original image pixels), by decreasing
     score: the `grounding_recall` metric's predictions (the original's Flickr30K inference, section 9)."""
@@ -111,7 +118,7 @@ def predict_grounding(
     inputs = processor(images=[image], text=caption, phrase_spans=list(phrase_spans)).to(device)
     outputs = model(**inputs)
     result = processor.post_process_grounded_object_detection(
-        outputs, inputs, threshold=threshold, target_sizes=[(image.height, image.width)], max_detections=max_detections
+        outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=candidate_threshold, max_detections=max_detections
     )[0]
     ranked: List[List[List[float]]] = [[] for _ in phrase_spans]
     for box, label in zip(result["boxes"].float().cpu().tolist(), result["labels"].tolist()):  # already by decreasing score

@@ -277,8 +277,9 @@ class GLIPImageProcessor(TorchvisionBackend):
     def post_process_object_detection(
         self,
         outputs: Any,
-        threshold: float = 0.05,
+        threshold: float = 0.0,
         target_sizes: Optional[Union[torch.Tensor, Sequence[Sequence[int]]]] = None,
+        candidate_threshold: float = 0.05,
         nms_threshold: float = 0.6,
         pre_nms_top_n: int = 1000,
         max_detections: int = 100,
@@ -291,15 +292,30 @@ class GLIPImageProcessor(TorchvisionBackend):
         Args:
             outputs: model outputs with `logits`, `pred_boxes`, `centerness`, `spatial_shapes`, `image_sizes`,
                 `attention_mask`.
-            target_sizes: per row the (h, w) to rescale boxes to; None = the unpadded resized frame.
+            threshold: keep detections whose final (reported) score is >= it, applied after NMS and the cap (the
+                stock pipeline passes its `threshold`, 0.1 by default); 0 keeps every detection.
+            target_sizes: per row the (h, w) to rescale boxes to: a (N, 2) tensor, a list of pairs, or one pair for a
+                single row; None = the unpadded resized frame.
+            candidate_threshold: GLIP's candidate threshold before centerness (INFERENCE_TH 0.05).
+            nms_threshold, pre_nms_top_n, max_detections, score_aggregation: see `GLIPProcessor.post_process_grounded_object_detection`.
 
         Returns:
             per row {"scores": (K,), "labels": (K,) zeros, "boxes": (K, 4) xyxy}, by descending score.
         """
         positive_maps = positive_maps_from_attention_mask(output_field(outputs, "attention_mask"))
-        results = detect_rows(outputs, positive_maps, threshold, pre_nms_top_n, nms_threshold, max_detections, score_aggregation)
-        if target_sizes is not None:
+        sizes = target_size_rows(target_sizes, len(positive_maps)) if target_sizes is not None else None
+        results = detect_rows(
+            outputs,
+            positive_maps,
+            threshold=threshold,
+            candidate_threshold=candidate_threshold,
+            pre_nms_top_n=pre_nms_top_n,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+            score_aggregation=score_aggregation,
+        )
+        if sizes is not None:
             image_sizes = output_field(outputs, "image_sizes")
-            for row, size in enumerate(target_size_rows(target_sizes, len(results))):
+            for row, size in enumerate(sizes):
                 results[row]["boxes"] = rescale_boxes(results[row]["boxes"], image_sizes[row], size)
         return results

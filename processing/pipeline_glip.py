@@ -8,6 +8,7 @@ reproduces the original's detection evaluation (glip_architecture.md section 9) 
 Use it with `pipeline("zero-shot-object-detection", model=..., pipeline_class=GLIPZeroShotObjectDetectionPipeline)`.
 """
 
+import numbers
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -15,8 +16,13 @@ from transformers.pipelines import ZeroShotObjectDetectionPipeline
 
 from .image_conversion import load_rgb_image
 from .image_processing_glip import get_resize_output_size
-from .post_processing_glip import post_processing_limits
+from .post_processing_glip import check_integer, post_processing_limits, validate_limits
 from .processing_glip import GLIPProcessor
+
+# the final-score threshold of transformers' zero-shot detection pipeline, kept so that both pipelines cut alike
+DEFAULT_THRESHOLD = 0.1
+_POSTPROCESS_ARGUMENTS = ("threshold", "candidate_threshold", "top_k", "nms_threshold", "pre_nms_top_n", "max_detections", "score_aggregation")
+_CALL_ARGUMENTS = ("batch_size", "text_queries", "timeout")
 
 
 class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
@@ -26,9 +32,17 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
     only with images that pad to the same canvas: in GLIP the padded canvas changes the outputs (padded pixels enter
     GroupNorm, pooling and fusion statistics), so an image's detections never depend on its batch mates.
 
-    Call arguments: `candidate_labels` (list of names, a comma-separated string, or per-image lists), `threshold`
-    (candidate threshold on the label probability, GLIP's INFERENCE_TH; default: the model config's, 0.05), `top_k`,
-    `nms_threshold`, `max_detections`, `batch_size` (images per forward), `timeout`.
+    Call arguments (each type- and range-checked; an unknown keyword is a TypeError):
+
+    * `candidate_labels`: list of names, a comma-separated string, or per-image lists (`text_queries` is an alias);
+    * `threshold` (default 0.1, as transformers' pipeline): keep detections whose reported score is >= it; applied
+      last, so it never changes a reported score;
+    * `candidate_threshold`: GLIP's INFERENCE_TH, the cut on the label probability before centerness that selects
+      the NMS candidates (default: the model config's `inference_threshold`);
+    * `top_k` (>= 1): at most this many detections per image; `nms_threshold`, `pre_nms_top_n`, `max_detections`,
+      `score_aggregation`: GLIP's post-processing limits (defaults: the model config's);
+    * `batch_size` (>= 1): images per forward; `timeout`: seconds to fetch an image URL.
+
     Returns, per image, `[{"score", "label", "box": {"xmin", "ymin", "xmax", "ymax"}}]` sorted by score.
     """
 
@@ -39,6 +53,9 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
     def __call__(self, image, candidate_labels=None, **kwargs):
         if "text_queries" in kwargs:
             candidate_labels = kwargs.pop("text_queries")
+        batch_size = check_integer("batch_size", kwargs.pop("batch_size", self._batch_size or 1), 1)
+        preprocess_params, _, _ = self._sanitize_parameters(**kwargs)  # every argument checked before any image is loaded
+        timeout = preprocess_params.get("timeout", self._preprocess_params.get("timeout"))
         single = not isinstance(image, (list, tuple))
         entries = [image] if single else list(image)
         requests = [entry if isinstance(entry, dict) else {"image": entry, "candidate_labels": candidate_labels} for entry in entries]
@@ -46,20 +63,37 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
             if len(candidate_labels) != len(entries):
                 raise ValueError(f"Got {len(entries)} images but {len(candidate_labels)} candidate label lists.")
             requests = [{"image": entry, "candidate_labels": labels} for entry, labels in zip(entries, candidate_labels)]
-        batch_size = kwargs.pop("batch_size", self._batch_size) or 1
-        timeout = kwargs.pop("timeout", None)
-
         loaded = [self._load_request(request, timeout) for request in requests]
         results: List[Optional[List[Dict[str, Any]]]] = [None] * len(loaded)
         for group in self._canvas_groups(loaded, batch_size):
-            group_results = super().__call__({"requests": [loaded[i] for i in group]}, **kwargs)
+            # batch_size=1: each group is already one forward (a batch of the Pipeline would re-collate it)
+            group_results = super().__call__({"requests": [loaded[i] for i in group]}, batch_size=1, **kwargs)
             for index, result in zip(group, group_results):
                 results[index] = result
         return results[0] if single else results
 
     def _sanitize_parameters(self, **kwargs):
-        postprocess_params = {key: kwargs[key] for key in ("threshold", "top_k", "nms_threshold", "max_detections") if key in kwargs}
-        return {}, {}, postprocess_params
+        unknown = sorted(set(kwargs) - set(_POSTPROCESS_ARGUMENTS) - {"timeout"})
+        if unknown:
+            accepted = sorted(_POSTPROCESS_ARGUMENTS + _CALL_ARGUMENTS)
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+        preprocess_params = {}
+        timeout = kwargs.pop("timeout", None)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+            preprocess_params["timeout"] = timeout
+        postprocess_params = {key: value for key, value in kwargs.items() if value is not None}
+        if "top_k" in postprocess_params:
+            check_integer("top_k", postprocess_params["top_k"], 1)
+        validate_limits(**self._limits(postprocess_params))
+        return preprocess_params, {}, postprocess_params
+
+    def _limits(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Post-processing limits of a call: its `threshold` (default 0.1) and the model config's limits, overridden by
+        the call's."""
+        overrides = {name: value for name, value in params.items() if name not in ("threshold", "top_k")}
+        return {"threshold": params.get("threshold", DEFAULT_THRESHOLD), **post_processing_limits(self.model.config, **overrides)}
 
     @staticmethod
     def _load_request(request: Dict[str, Any], timeout) -> Dict[str, Any]:
@@ -68,6 +102,8 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
         labels = request.get("candidate_labels")
         if isinstance(labels, str):
             labels = [label.strip() for label in labels.split(",")]
+        if labels is not None and not isinstance(labels, (list, tuple)):
+            raise TypeError(f"candidate_labels must be a list of names or a comma-separated string, got {type(labels).__name__}")
         if not labels:
             raise ValueError("candidate_labels is empty: give at least one class name")
         return {"image": load_rgb_image(request["image"], timeout=timeout), "candidate_labels": list(labels)}
@@ -83,7 +119,11 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
         """Indices of images batched together: same canvas, at most `batch_size` images, input order kept inside."""
         by_canvas: "OrderedDict[tuple, List[int]]" = OrderedDict()
         for index, request in enumerate(loaded):
-            by_canvas.setdefault(self._canvas(request["image"]), []).append(index)
+            try:
+                canvas = self._canvas(request["image"])
+            except ValueError as error:
+                raise ValueError(f"image {index}: {error}") from error
+            by_canvas.setdefault(canvas, []).append(index)
         return [indices[i : i + batch_size] for indices in by_canvas.values() for i in range(0, len(indices), batch_size)]
 
     def preprocess(self, inputs, timeout=None):
@@ -99,13 +139,10 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
         outputs = self.model(**{key: encoded[key] for key in model_keys if key in encoded})
         return {"outputs": outputs, **model_inputs}
 
-    def postprocess(self, model_outputs, threshold=None, top_k=None, nms_threshold=None, max_detections=None):
+    def postprocess(self, model_outputs, top_k=None, **limits):
         (model_output,) = model_outputs
         detections = self.glip_processor.post_process_grounded_object_detection(
-            model_output["outputs"],
-            model_output["encoded"],
-            target_sizes=model_output["target_sizes"],
-            **post_processing_limits(self.model.config, threshold=threshold, nms_threshold=nms_threshold, max_detections=max_detections),
+            model_output["outputs"], model_output["encoded"], target_sizes=model_output["target_sizes"], **self._limits(limits)
         )
         results = []
         for image_detections in detections:

@@ -362,8 +362,9 @@ class GLIPProcessor(ProcessorMixin):
         self,
         outputs: Any,
         inputs: Any,
-        threshold: float = 0.05,
+        threshold: float = 0.0,
         target_sizes: Optional[Union[torch.Tensor, Sequence[Sequence[int]]]] = None,
+        candidate_threshold: float = 0.05,
         nms_threshold: float = 0.6,
         pre_nms_top_n: int = 1000,
         max_detections: int = 100,
@@ -372,11 +373,16 @@ class GLIPProcessor(ProcessorMixin):
         """The original ATSS post-processing (section 7) per text row, chunks merged back per image.
 
         Args:
-            outputs: model outputs (`logits`, `pred_boxes`, `centerness`, `spatial_shapes`, `image_sizes`).
-            inputs: this processor's output for the batch; `positive_map`, `label_ids`, `chunk_to_image` and
-                `text_labels` are read from it.
-            threshold: candidate threshold on the aggregated token probability, before centerness (INFERENCE_TH 0.05).
-            target_sizes: per IMAGE the (h, w) to rescale boxes to (the original image size); None = resized frame.
+            outputs: model outputs (`logits`, `pred_boxes`, `centerness`, `spatial_shapes`, `image_sizes`, `input_ids`).
+            inputs: this processor's output for the batch; `positive_map`, `label_ids`, `chunk_to_image`,
+                `text_labels` and `input_ids` are read from it. Outputs computed for other `input_ids` are refused.
+            threshold: keep detections whose final (reported) score is >= it; applied after NMS and the cap, so it
+                never changes a reported score (0 keeps every detection: the original's output).
+            target_sizes: per IMAGE the (h, w) to rescale boxes to (the original image size): a (N, 2) tensor, a list
+                of pairs, or one pair for a single image; None = resized frame.
+            candidate_threshold: GLIP's candidate threshold on the aggregated token probability, before centerness,
+                that selects the NMS candidates (INFERENCE_TH 0.05; `post_processing_limits(model.config)` gives the
+                model's own).
             nms_threshold: per-label NMS IoU threshold (NMS_TH 0.6).
             pre_nms_top_n: candidates kept per level (PRE_NMS_TOP_N 1000).
             max_detections: detections kept per text row after NMS, ties kept (DETECTIONS_PER_IMG 100; 0 = no cap).
@@ -386,6 +392,9 @@ class GLIPProcessor(ProcessorMixin):
             per image {"scores": (K,), "labels": (K,) 0-based index into the image's names, "text_labels": K names,
             "boxes": (K, 4) xyxy}, by descending score. An image split into c chunks may return c * max_detections boxes.
         """
+        missing = [key for key in ("positive_map", "label_ids", "chunk_to_image", "text_labels") if key not in inputs]
+        if missing:
+            raise ValueError(f"`inputs` lacks {missing}: pass this processor's output for the batch (called with `text`)")
         return post_process_grounded(
             outputs,
             inputs["positive_map"],
@@ -394,8 +403,10 @@ class GLIPProcessor(ProcessorMixin):
             inputs["text_labels"],
             threshold=threshold,
             target_sizes=target_sizes,
+            candidate_threshold=candidate_threshold,
             nms_threshold=nms_threshold,
             pre_nms_top_n=pre_nms_top_n,
             max_detections=max_detections,
             score_aggregation=score_aggregation,
+            input_ids=inputs.get("input_ids"),
         )

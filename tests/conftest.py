@@ -60,6 +60,7 @@ def tiny_glip_checkpoint(tmp_path_factory, bert_vocab_dir):
         fusion_embed_dim=64,
         fusion_num_heads=4,
         inference_threshold=0.0,
+        prior_prob=0.5,  # label probabilities around 0.5, above GLIP's candidate threshold (0.05) on every path
     )
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("glip-tiny")

@@ -1,63 +1,182 @@
-"""`glip-detect`: table, COCO-style JSON, annotated PNGs, and its error messages."""
+"""`glip-detect`: table, COCO results + info files, annotated PNGs, and its behaviour on bad arguments and bad images."""
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
 
-from modeling_glip.cli import main
+from modeling_glip import cli
+from modeling_glip.cli import annotate, annotated_names, main
+
+
+def write_image(path, height=60, width=90, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")).save(path)
+    return path
 
 
 @pytest.fixture
 def images(tmp_path):
-    good = tmp_path / "scene.png"
-    Image.fromarray((np.random.RandomState(0).rand(60, 90, 3) * 255).astype("uint8")).save(good)
+    good = write_image(tmp_path / "scene.png")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     return good, bad
 
 
-def test_detects_writes_json_and_png_and_reports_unreadable_images(tiny_glip_checkpoint, images, tmp_path, capsys):
+def run(arguments, checkpoint, output):
+    return main([*arguments, "--model", str(checkpoint), "--output-dir", str(output)])
+
+
+def test_detects_writes_coco_results_info_and_png_and_reports_unreadable_images(tiny_glip_checkpoint, images, tmp_path, capsys):
     good, bad = images
     output = tmp_path / "out"
-    code = main([str(good), str(bad), "--labels", "cat, remote control", "--model", str(tiny_glip_checkpoint), "--threshold", "0", "--top-k", "3", "--output-dir", str(output)])
+    code = run([str(good), str(bad), "--labels", "cat, remote control", "--threshold", "0", "--top-k", "3"], tiny_glip_checkpoint, output)
     captured = capsys.readouterr()
     assert code == 1  # one image failed, the other was still processed
-    assert f"cannot read image {bad}" in captured.err
+    assert f"skipped {bad}" in captured.err and len([line for line in captured.err.splitlines() if str(bad) in line]) == 1
     assert f"{good}: 3 detection(s)" in captured.out and "score" in captured.out
-    report = json.loads((output / "detections.json").read_text())
-    assert report["failed_images"] == [str(bad)]
-    assert len(report["annotations"]) == 3 and {c["name"] for c in report["categories"]} <= {"cat", "remote control"}
-    for annotation in report["annotations"]:
-        assert annotation["image_id"] == 0 and len(annotation["bbox"]) == 4 and annotation["bbox"][2] >= 0
-    annotated = Image.open(output / "scene_detections.png")
-    assert annotated.size == (90, 60)
+    results = json.loads((output / "detections.json").read_text())
+    info = json.loads((output / "detections_info.json").read_text())
+    assert [failure["file_name"] for failure in info["failed_images"]] == [str(bad)]
+    assert info["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "remote control"}]  # --labels order
+    assert info["images"] == [{"id": 0, "file_name": str(good), "width": 90, "height": 60, "annotated_image": "scene_detections.png"}]
+    assert len(results) == 3 and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    # a pycocotools results file: loadRes against the info file (a COCO dataset without annotations)
+    loaded = COCO(str(output / "detections_info.json")).loadRes(str(output / "detections.json"))
+    assert len(loaded.getAnnIds()) == 3 and all(ann["bbox"][2] >= 0 for ann in loaded.anns.values())
+    assert Image.open(output / "scene_detections.png").size == (90, 60)
 
 
-def test_caption_with_phrases(tiny_glip_checkpoint, images, tmp_path, capsys):
+def test_category_ids_follow_the_labels_not_the_detections(tiny_glip_checkpoint, images, tmp_path, capsys):
     good, _ = images
-    code = main([str(good), "--caption", "a cat lying on a couch", "--phrases", "a cat; a couch", "--model", str(tiny_glip_checkpoint), "--threshold", "0", "--output-dir", str(tmp_path)])
-    assert code == 0
-    names = {c["name"] for c in json.loads((tmp_path / "detections.json").read_text())["categories"]}
-    assert names and names <= {"a cat", "a couch"}
+    labels = ["cat", "remote control", "couch", "person"]
+    for order in (labels, labels[::-1]):
+        capsys.readouterr()
+        run([str(good), "--labels", ", ".join(order), "--threshold", "0"], tiny_glip_checkpoint, tmp_path)
+        printed = re.findall(r"^  (\S.*?)\s+\d\.\d{3}\s+\(", capsys.readouterr().out, re.MULTILINE)  # the table's label column
+        info = json.loads((tmp_path / "detections_info.json").read_text())
+        results = json.loads((tmp_path / "detections.json").read_text())
+        assert [c["name"] for c in info["categories"]] == order and [c["id"] for c in info["categories"]] == [1, 2, 3, 4]
+        assert [order[r["category_id"] - 1] for r in results] == printed and len(set(printed)) > 1
+
+
+def test_caption_with_phrases(tiny_glip_checkpoint, images, tmp_path):
+    good, _ = images
+    for phrases in ("a cat; a couch", "a cat, a couch"):
+        code = run([str(good), "--caption", "a cat lying on a couch", "--phrases", phrases, "--threshold", "0"], tiny_glip_checkpoint, tmp_path)
+        assert code == 0
+        info = json.loads((tmp_path / "detections_info.json").read_text())
+        assert info["categories"] == [{"id": 1, "name": "a cat"}, {"id": 2, "name": "a couch"}]
+
+
+def test_threshold_is_the_reported_score_cut(tiny_glip_checkpoint, images, tmp_path):
+    good, _ = images
+    run([str(good), "--labels", "cat, dog", "--threshold", "0"], tiny_glip_checkpoint, tmp_path / "all")
+    scores = sorted(r["score"] for r in json.loads((tmp_path / "all" / "detections.json").read_text()))
+    cut = scores[len(scores) // 2]
+    run([str(good), "--labels", "cat, dog", "--threshold", str(cut)], tiny_glip_checkpoint, tmp_path / "cut")
+    kept = sorted(r["score"] for r in json.loads((tmp_path / "cut" / "detections.json").read_text()))
+    assert kept == [score for score in scores if score >= cut] and 0 < len(kept) < len(scores)
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["--labels", " , "], "--labels is empty"),
-        (["--labels", "cat", "--model", "/no/such/checkpoint"], "Convert the official GLIP weights"),
+        (["--labels", "cat, dog, Cat"], "--labels: .*duplicate"),
+        (["--labels", "cat, " + " ".join(["dog"] * 300)], "--labels: .*254"),
+        (["--caption", "a cat on a couch", "--phrases", "a cat; a dog"], "--caption / --phrases: .*a dog"),
+        (["--caption", "a cat on a couch", "--phrases", " ; "], "--phrases is empty"),
+        (["--labels", "cat", "--phrases", "a cat"], "--phrases needs --caption"),
+        (["--labels", "cat", "--threshold", "1.5"], r"argument --threshold: must be in \[0, 1\], got 1.5"),
+        (["--labels", "cat", "--threshold", "high"], "argument --threshold: expected a number"),
+        (["--labels", "cat", "--candidate-threshold", "1"], r"argument --candidate-threshold: must be in \[0, 1\)"),
+        (["--labels", "cat", "--top-k", "0"], "argument --top-k: must be >= 1"),
     ],
 )
-def test_clear_errors(images, arguments, message, tiny_glip_checkpoint):
+def test_argument_errors_are_one_line_with_exit_status_2(images, arguments, message, tiny_glip_checkpoint, tmp_path, capsys):
     good, _ = images
-    if "--model" not in arguments:
-        arguments = arguments + ["--model", str(tiny_glip_checkpoint)]
-    with pytest.raises(SystemExit, match=message):
-        main([str(good), *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        run([str(good), *arguments], tiny_glip_checkpoint, tmp_path / "out")
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glip-detect: error:")]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), error_lines
+    assert not (tmp_path / "out" / "detections.json").exists()  # nothing was run
+
+
+def test_missing_checkpoint_says_how_to_convert(images):
+    good, _ = images
+    with pytest.raises(SystemExit, match="Convert the official GLIP weights"):
+        main([str(good), "--labels", "cat", "--model", "/no/such/checkpoint"])
+
+
+def test_bad_images_are_skipped_and_same_named_inputs_do_not_overwrite(tiny_glip_checkpoint, tmp_path, capsys):
+    first, second = write_image(tmp_path / "a" / "x.png", seed=1), write_image(tmp_path / "b" / "x.png", seed=2)
+    elongated = write_image(tmp_path / "c" / "strip.png", height=2, width=2000)
+    output = tmp_path / "out"
+    code = run([str(first), str(elongated), str(second), "--labels", "cat", "--threshold", "0"], tiny_glip_checkpoint, output)
+    assert code == 1
+    assert "skipped" in capsys.readouterr().err
+    info = json.loads((output / "detections_info.json").read_text())
+    assert [image["annotated_image"] for image in info["images"]] == ["0_x_detections.png", "2_x_detections.png"]
+    assert info["failed_images"][0]["file_name"] == str(elongated) and "too elongated" in info["failed_images"][0]["error"]
+    assert not np.array_equal(np.asarray(Image.open(output / "0_x_detections.png")), np.asarray(Image.open(output / "2_x_detections.png")))
+    assert {r["image_id"] for r in json.loads((output / "detections.json").read_text())} == {0, 2}
+
+
+def test_annotated_names_are_unique_per_input_path():
+    assert annotated_names(["a/x.png", "b/y.jpg"]) == ["x_detections.png", "y_detections.png"]
+    names = annotated_names(["a/x.png", "b/x.png", "x_1.png", "c/x.jpg"])
+    assert len(set(names)) == 4 and names[0] == "0_x_detections.png"
+
+
+def test_interrupt_still_writes_the_finished_images(tiny_glip_checkpoint, tmp_path, monkeypatch, capsys):
+    paths = [write_image(tmp_path / f"img{index}.png", seed=index) for index in range(3)]
+    real_detect, calls = cli.detect, []
+
+    def detect_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "detect", detect_then_interrupt)
+    output = tmp_path / "out"
+    assert run([*map(str, paths), "--labels", "cat", "--threshold", "0"], tiny_glip_checkpoint, output) == 130
+    assert "interrupted after 1 of 3" in capsys.readouterr().err
+    info = json.loads((output / "detections_info.json").read_text())
+    assert [image["file_name"] for image in info["images"]] == [str(paths[0])]
+    assert {r["image_id"] for r in json.loads((output / "detections.json").read_text())} == {0}
+    assert sorted(p.name for p in output.iterdir()) == ["detections.json", "detections_info.json", "img0_detections.png"]  # no temp files
+
+
+@pytest.mark.parametrize("size, min_tag_height, max_tag_height", [((40, 40), 5, 20), ((1200, 3000), 25, 60)])
+def test_annotation_is_legible_at_any_size(size, min_tag_height, max_tag_height):
+    """One colour per category, a filled tag behind the text, the font scaled to the image and the tag of a box at the
+    right edge moved left to stay inside the frame."""
+    import torch
+
+    height, width = size
+    image = Image.new("RGB", (width, height), "white")
+    right_edge = width - 20
+    boxes = torch.tensor([[right_edge, 0.0, width - 1.0, height * 0.3], [0.0, height * 0.6, width * 0.3, height - 1.0]])
+    detections = {"labels": torch.tensor([0, 1]), "text_labels": ["remote control", "cat"], "scores": torch.tensor([0.9, 0.8]), "boxes": boxes}
+    drawn = np.asarray(annotate(image, detections))
+    assert drawn.shape == (height, width, 3) and np.asarray(image).min() == 255  # drawn on a copy
+
+    def colour_mask(label):
+        return (drawn == [int(cli.PALETTE[label][k : k + 2], 16) for k in (1, 3, 5)]).all(-1)
+
+    assert colour_mask(0).any() and colour_mask(1).any()  # a distinct colour per category
+    tag = colour_mask(0)[:, :right_edge]  # left of the box: only the tag, shifted to fit in the frame
+    tag_rows, tag_columns = np.nonzero(tag.any(1))[0], np.nonzero(tag.any(0))[0]
+    assert min_tag_height <= len(tag_rows) <= max_tag_height
+    assert tag_columns.min() < right_edge - 5 and tag_rows.min() == 0  # kept inside: moved left, not above the frame
 
 
 def test_console_script_is_installed():

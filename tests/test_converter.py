@@ -169,3 +169,151 @@ def test_command_line_conversion_gives_a_loadable_checkpoint(reference_dir, fixt
     valid = int(fixture_tensors["input.attention_mask"].sum())
     assert torch.equal(inputs["input_ids"], fixture_tensors["input.input_ids"][:, :valid])
     assert (inputs["pixel_values"] - fixture_tensors["input.images_tensor"]).abs().max() < 1e-5
+
+
+# --- bad inputs: each gives an error saying what the file is and what to do ------------------------------------------
+
+
+def test_missing_key_without_config_yaml_names_the_keys(tiny_original, tmp_path):
+    from modeling_glip.convert_glip_original_to_hf import convert
+
+    incomplete = {k: v for k, v in tiny_original.items() if k not in ("backbone.fpn.fpn_inner4.weight", "rpn.head.cls_logits.weight")}
+    with pytest.raises(ValueError, match=r"lacks \['backbone.fpn.fpn_inner4.weight', 'rpn.head.cls_logits.weight'\].*--config-yaml"):
+        infer_config_from_state_dict(incomplete, BertConfig(**TINY_TEXT_CONFIG))
+    from safetensors.torch import save_file
+
+    save_file(incomplete, str(tmp_path / "incomplete.safetensors"))
+    with pytest.raises(ValueError, match="fpn_inner4"):
+        convert(tmp_path / "incomplete.safetensors", tmp_path / "out", text_config=BertConfig(**TINY_TEXT_CONFIG))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incomplete.safetensors"]  # no output, no partial folder
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"cfg.yaml": "_BASE_: cfg.yaml\nMODEL: {}\n"}, r"_BASE_ cycle .*cfg.yaml -> .*cfg.yaml"),
+        ({"cfg.yaml": "_BASE_: base.yaml\n", "base.yaml": "_BASE_: cfg.yaml\n"}, r"_BASE_ cycle .*cfg.yaml -> .*base.yaml -> .*cfg.yaml"),
+        ({"cfg.yaml": "MODEL:\n  SWINT: [unclosed\n"}, r"cfg.yaml is not a valid YAML file"),
+        ({"cfg.yaml": "- a\n- b\n"}, r"cfg.yaml is not a GLIP YAML config: its top level is a list"),
+        ({"cfg.yaml": "MODEL: [1, 2]\n"}, r"cfg.yaml: MODEL must be a mapping"),
+        ({"cfg.yaml": "MODEL:\n  SWINT:\n    EMBED_DIM: big\n"}, r"cfg.yaml: .*embed_dim"),
+        ({"cfg.yaml": "_BASE_: [a, b]\n"}, r"_BASE_ must be a path"),
+    ],
+)
+def test_bad_yaml_configs_name_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        config_from_original_yaml(tmp_path / "cfg.yaml")
+
+
+def test_missing_base_yaml_names_the_file_that_refers_to_it(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("_BASE_: ../configs/base.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"base.yaml does not exist \(the _BASE_ of .*cfg.yaml\)"):
+        config_from_original_yaml(tmp_path / "cfg.yaml")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"hello, this is a text file", "neither a PyTorch checkpoint .* nor a safetensors file"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), "neither a PyTorch checkpoint"),
+        (b"\x80\x04" + bytes(50), "cannot be read as a PyTorch checkpoint.*corrupt or not a checkpoint"),
+        (b"PK\x03\x04" + bytes(50), "neither a PyTorch checkpoint"),  # not a valid zip archive
+        ((20).to_bytes(8, "little") + b'{"broken": ', "not a readable safetensors file"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_non_checkpoint_files_are_named_and_never_offered_unsafe_unpickling(tmp_path, content, message):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_original_checkpoint(path)
+    assert "allow-unsafe-pickle" not in str(error.value)
+
+
+def test_non_tensor_state_dict_is_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model": {"backbone.body.patch_embed.proj.weight": [1, 2, 3]}}, path)
+    with pytest.raises(ValueError, match="not tensors"):
+        load_original_checkpoint(path)
+
+
+def test_converted_checkpoint_is_recognised(tiny_glip_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="already converted to GLIPModel.*from_pretrained"):
+        load_original_checkpoint(tiny_glip_checkpoint / "model.safetensors")
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not an original GLIP checkpoint"):
+        load_original_checkpoint(path)
+
+
+def _convert_tiny(reference_dir, bert_vocab_dir, output):
+    from modeling_glip.convert_glip_original_to_hf import convert
+
+    return convert(
+        reference_dir / "tiny_glip_original.safetensors", output, reference_dir / "tiny_config.yaml", BertConfig(**TINY_TEXT_CONFIG), tokenizer=str(bert_vocab_dir)
+    )
+
+
+def test_failed_conversion_leaves_no_partial_folder_and_keeps_the_target(reference_dir, bert_vocab_dir, tmp_path, monkeypatch):
+    earlier = tmp_path / "glip-tiny"
+    earlier.mkdir()
+    (earlier / "config.json").write_text(json.dumps({"model_type": "glip", "marker": "earlier conversion"}))
+
+    def save_then_fail(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half written")
+        raise OSError("No space left on device")
+
+    from pathlib import Path
+
+    monkeypatch.setattr(GLIPModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        _convert_tiny(reference_dir, bert_vocab_dir, earlier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glip-tiny"]  # no partial folder beside it
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json"] and "earlier conversion" in (earlier / "config.json").read_text()
+    with pytest.raises(OSError):
+        _convert_tiny(reference_dir, bert_vocab_dir, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.undo()  # a successful conversion replaces the earlier one as a whole
+    _convert_tiny(reference_dir, bert_vocab_dir, earlier)
+    assert (earlier / "model.safetensors").is_file() and "marker" not in (earlier / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glip-tiny"]
+
+
+def test_output_folder_with_other_files_is_refused_before_loading(tmp_path):
+    from modeling_glip.convert_glip_original_to_hf import convert
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files than a GLIP checkpoint"):
+        convert(tmp_path / "absent.pth", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(path), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "neither a PyTorch checkpoint" in error
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(path), "--output", str(tmp_path / "out"), "--text-config", str(tmp_path / "absent.json")])
+    assert exit_info.value.code == 2 and "--text-config" in capsys.readouterr().err
+
+
+def test_help_refers_only_to_files_in_the_repository(capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for reference in re.findall(r"[\w./-]+\.(?:md|py)\b", text):
+        if "/" in reference or reference.endswith(".md"):
+            assert (root / reference).is_file() or (root / "modeling_glip" / reference).is_file(), reference
+    for section in re.findall(r'README section "([^"]+)"', text):
+        assert f"## {section}" in (root / "README.md").read_text()
+    assert "glip_architecture.md" not in text and "swin_backbone.md" not in text

@@ -155,5 +155,7 @@ def test_make_demo_command_runs(tmp_path, capsys):
     for absent in demo.DEMO_ABSENT_LABELS:
         assert absent not in printed
     assert (output / "demo_scene_detections.png").is_file()
-    report = json.loads((output / "detections.json").read_text())
-    assert sorted(category["name"] for category in report["categories"]) == sorted(a["name"] for a in annotations)
+    info = json.loads((output / "detections_info.json").read_text())
+    names = [category["name"] for category in info["categories"]]
+    detected = {names[result["category_id"] - 1] for result in json.loads((output / "detections.json").read_text())}
+    assert detected == {a["name"] for a in annotations}

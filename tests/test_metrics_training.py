@@ -64,6 +64,58 @@ def test_grounding_recall_metric(recall_metric):
     assert merged["recall@5"] == pytest.approx(1 / 3)  # the enclosing box (0, 0, 30, 10) is not matched at IoU 0.5
 
 
+GOOD_PREDICTION = {"image_id": 1, "boxes": [[10, 10, 20, 20]], "scores": [0.9], "labels": [3]}
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, kwargs, message",
+    [
+        ({"boxes": [[float("nan"), 10, 20, 20]]}, {}, {}, r"prediction of image 1: boxes\[0\] = \[nan, .* not finite"),
+        ({"boxes": [[10, 10, float("inf"), 20]]}, {}, {}, r"prediction of image 1: boxes\[0\]"),
+        ({"scores": [float("nan")]}, {}, {}, r"prediction of image 1: scores\[0\] = nan"),
+        ({"boxes": [[10, 10, -5, 20]]}, {}, {}, "prediction of image 1: .*negative width or height"),
+        ({}, {"boxes": [[float("nan"), 10, 20, 20]]}, {}, r"reference of image 1: boxes\[0\] .* not finite"),
+        ({}, {"boxes": [[10, 10, 20, -1]]}, {}, "reference of image 1: .*negative width or height"),
+        ({}, {"area": [float("nan")]}, {}, r"reference of image 1: area\[0\]"),
+        ({}, {"iscrowd": [2]}, {}, "iscrowd must be 0 or 1"),
+        ({}, {}, {"max_detections": 0}, "max_detections must be an integer >= 10"),
+        ({}, {}, {"max_detections": 50.5}, "max_detections"),
+    ],
+)
+def test_coco_metric_refuses_bad_numbers(coco_metric, prediction, reference, kwargs, message):
+    """A NaN box used to score as a perfect match (mAP 1.0)."""
+    with pytest.raises(ValueError, match=message):
+        coco_metric.compute(predictions=[{**GOOD_PREDICTION, **prediction}], references=[{**reference_of_image_1(), **reference}], **kwargs)
+
+
+def reference_of_image_1():
+    return reference(1, [[10, 10, 20, 20]], [3])
+
+
+def test_coco_metric_refuses_an_image_predicted_twice(coco_metric):
+    with pytest.raises(ValueError, match="image_id 1 appears in several predictions"):
+        coco_metric.compute(predictions=[GOOD_PREDICTION, GOOD_PREDICTION], references=[reference_of_image_1(), reference(2, [[1, 1, 5, 5]], [3])])
+
+
+@pytest.mark.parametrize(
+    "predictions, references, kwargs, message",
+    [
+        ([{"boxes": [[0, 0, float("nan"), 10]]}], [{"boxes": [[0, 0, 10, 10]]}], {}, r"prediction of phrase 0: boxes\[0\] .* not finite"),
+        ([{"boxes": [[0, 0, 10, 10]]}], [{"boxes": [[0, 0, 10, float("inf")]]}], {}, r"reference of phrase 0: boxes\[0\] .* not finite"),
+        ([{"boxes": [[10, 0, 0, 10]]}], [{"boxes": [[0, 0, 10, 10]]}], {}, "x2 < x1"),
+        ([{"boxes": [[0, 0, 10, 10]]}], [{"boxes": [[0, 0, 0, 10]]}], {}, "reference of phrase 0: boxes.0. has no area"),
+        ([{"boxes": []}], [{"boxes": [[0, 0, 10, 10]]}], {"topk": (0, 5)}, "topk"),
+        ([{"boxes": []}], [{"boxes": [[0, 0, 10, 10]]}], {"topk": (1, 1.5)}, "topk"),
+        ([{"boxes": []}], [{"boxes": [[0, 0, 10, 10]]}], {"iou_threshold": 0.0}, "iou_threshold"),
+        ([{"boxes": []}], [{"boxes": [[0, 0, 10, 10]]}], {"iou_threshold": float("nan")}, "iou_threshold"),
+        ([{"boxes": []}], [{"boxes": [[0, 0, 10, 10]]}], {"merge_boxes": "yes"}, "merge_boxes"),
+    ],
+)
+def test_grounding_recall_refuses_bad_numbers(recall_metric, predictions, references, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        recall_metric.compute(predictions=predictions, references=references, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, bert_vocab_dir):
     root = tmp_path_factory.mktemp("eval")
@@ -79,8 +131,8 @@ def test_predict_coco_with_chunked_prompts(saved_model, bert_vocab_dir):
     model = GLIPModel.from_pretrained(saved_model / "model").eval()
     processor = GLIPProcessor(GLIPImageProcessor(min_size=64, max_size=64), BertTokenizer.from_pretrained(str(bert_vocab_dir)))
     records, categories = load_coco_evaluation_set(saved_model / "val.json")
-    whole = predict_coco(model, processor, records, categories, saved_model, threshold=0.0, max_detections=5)
-    chunked = predict_coco(model, processor, records, categories, saved_model, names_per_chunk=1, threshold=0.0, max_detections=5)
+    whole = predict_coco(model, processor, records, categories, saved_model, candidate_threshold=0.0, max_detections=5)
+    chunked = predict_coco(model, processor, records, categories, saved_model, names_per_chunk=1, candidate_threshold=0.0, max_detections=5)
     for one, split in zip(whole, chunked):
         assert one["image_id"] == split["image_id"] and len(one["boxes"]) == 5
         assert len(split["boxes"]) == 15  # 3 chunks x 5 detections, merged per image

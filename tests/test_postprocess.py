@@ -80,7 +80,7 @@ def test_pre_nms_candidates_match(head_outputs, positive_map, fixture_tensors, m
     boxes = clip_boxes(pred_boxes_to_pixels(head_outputs["pred_boxes"][0], size), size)
     scores = class_scores(head_outputs["logits"][0].sigmoid(), positive_map)
     level_sizes = (head_outputs["spatial_shapes"].prod(1)).tolist()
-    candidates = pre_nms_candidates(scores, head_outputs["centerness"][0], boxes, level_sizes, threshold=0.01, pre_nms_top_n=1000)
+    candidates = pre_nms_candidates(scores, head_outputs["centerness"][0], boxes, level_sizes, candidate_threshold=0.01, pre_nms_top_n=1000)
     assert len(candidates[0]) == manifest["checks"]["num_pre_nms_boxes"] == 1495
     expected = (
         fixture_tensors["detections.pre_nms_scores"],
@@ -91,7 +91,7 @@ def test_pre_nms_candidates_match(head_outputs, positive_map, fixture_tensors, m
 
 
 def test_final_detections_match(head_outputs, positive_map, fixture_tensors):
-    result = post_process_grounded(head_outputs, positive_map[None], threshold=0.01)[0]
+    result = post_process_grounded(head_outputs, positive_map[None], candidate_threshold=0.01)[0]
     assert len(result["scores"]) == 100
     expected = (fixture_tensors["detections.scores"], fixture_tensors["detections.labels"] - 1, fixture_tensors["detections.boxes_xyxy_resized"])
     _assert_same_set((result["scores"], result["labels"], result["boxes"]), expected)
@@ -100,21 +100,21 @@ def test_final_detections_match(head_outputs, positive_map, fixture_tensors):
 
 def test_final_detections_in_original_image(head_outputs, positive_map, fixture_tensors, manifest):
     width, height = manifest["image"]["original_wh"]
-    result = post_process_grounded(head_outputs, positive_map[None], threshold=0.01, target_sizes=[(height, width)])[0]
+    result = post_process_grounded(head_outputs, positive_map[None], candidate_threshold=0.01, target_sizes=[(height, width)])[0]
     expected = (fixture_tensors["detections.scores"], fixture_tensors["detections.labels"] - 1, fixture_tensors["detections.boxes_xyxy_original"])
     _assert_same_set((result["scores"], result["labels"], result["boxes"]), expected)
 
 
 def test_stage_counts(head_outputs, positive_map, manifest):
-    result = post_process_grounded(head_outputs, positive_map[None], threshold=0.01, max_detections=0)[0]
+    result = post_process_grounded(head_outputs, positive_map[None], candidate_threshold=0.01, max_detections=0)[0]
     assert len(result["scores"]) == manifest["checks"]["num_after_nms"] == 425
-    # the default threshold 0.05 gives nothing on the random-weight fixture (all probabilities ~0.01)
+    # the default candidate threshold 0.05 gives nothing on the random-weight fixture (all probabilities ~0.01)
     assert len(post_process_grounded(head_outputs, positive_map[None])[0]["scores"]) == 0
 
 
 def test_max_aggregation_and_text_labels(head_outputs, positive_map, manifest):
     names = manifest["class_names_input"]
-    result = post_process_grounded(head_outputs, positive_map[None], text_labels=[names], threshold=0.01, score_aggregation="max")[0]
+    result = post_process_grounded(head_outputs, positive_map[None], text_labels=[names], candidate_threshold=0.01, score_aggregation="max")[0]
     assert 0 < len(result["scores"]) and result["text_labels"] == [names[label] for label in result["labels"].tolist()]
 
 
@@ -140,8 +140,8 @@ def test_pipeline_path_equals_grounded_path(head_outputs):
     label_map = torch.zeros(1, 1, 256)
     label_map[0, 0, 1:3] = 1.0
     target = torch.tensor([[300, 451]], dtype=torch.int32)
-    stock = GLIPImageProcessor().post_process_object_detection(outputs, threshold=0.01, target_sizes=target)[0]
-    grounded = post_process_grounded(head_outputs, label_map, threshold=0.01, target_sizes=target)[0]
+    stock = GLIPImageProcessor().post_process_object_detection(outputs, candidate_threshold=0.01, target_sizes=target)[0]
+    grounded = post_process_grounded(head_outputs, label_map, candidate_threshold=0.01, target_sizes=target)[0]
     assert len(stock["scores"]) > 0 and set(stock["labels"].tolist()) == {0}
     assert torch.equal(stock["scores"], grounded["scores"]) and torch.equal(stock["boxes"], grounded["boxes"])
 
@@ -152,10 +152,10 @@ def test_chunk_rows_merge_with_global_labels(head_outputs, positive_map):
     maps = torch.zeros(2, 3, 256)
     maps[0, :2], maps[1] = positive_map[:2], positive_map[2:]
     label_ids = torch.tensor([[0, 1, -1], [2, 3, 4]])
-    merged = post_process_grounded(outputs, maps, label_ids, torch.tensor([0, 0]), [list("abcde")], threshold=0.01)
+    merged = post_process_grounded(outputs, maps, label_ids, torch.tensor([0, 0]), [list("abcde")], candidate_threshold=0.01)
     assert len(merged) == 1
-    first = post_process_grounded(head_outputs, positive_map[None, :2], threshold=0.01)[0]
-    second = post_process_grounded(head_outputs, positive_map[None, 2:], threshold=0.01)[0]
+    first = post_process_grounded(head_outputs, positive_map[None, :2], candidate_threshold=0.01)[0]
+    second = post_process_grounded(head_outputs, positive_map[None, 2:], candidate_threshold=0.01)[0]
     expected = (torch.cat((first["scores"], second["scores"])), torch.cat((first["labels"], second["labels"] + 2)), torch.cat((first["boxes"], second["boxes"])))
     _assert_same_set((merged[0]["scores"], merged[0]["labels"], merged[0]["boxes"]), expected)
     assert merged[0]["text_labels"] == ["abcde"[label] for label in merged[0]["labels"].tolist()]
@@ -193,6 +193,9 @@ def test_post_processing_limits_come_from_the_config_unless_overridden():
     from processing import post_processing_limits
 
     config = GLIPConfig(inference_threshold=0.1, pre_nms_top_n=500, detections_per_image=50, score_aggregation="max")
-    assert post_processing_limits(config) == {"threshold": 0.1, "nms_threshold": 0.6, "pre_nms_top_n": 500, "max_detections": 50, "score_aggregation": "max"}
-    assert post_processing_limits(config, threshold=0.3, max_detections=None)["threshold"] == 0.3
-    assert post_processing_limits(config, threshold=0.3, max_detections=None)["max_detections"] == 50
+    expected = {"candidate_threshold": 0.1, "nms_threshold": 0.6, "pre_nms_top_n": 500, "max_detections": 50, "score_aggregation": "max"}
+    assert post_processing_limits(config) == expected
+    assert post_processing_limits(config, candidate_threshold=0.3, max_detections=None)["candidate_threshold"] == 0.3
+    assert post_processing_limits(config, candidate_threshold=0.3, max_detections=None)["max_detections"] == 50
+    with pytest.raises(TypeError, match="threshold"):  # the final-score threshold is not a config limit
+        post_processing_limits(config, threshold=0.3)

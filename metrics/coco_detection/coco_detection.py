@@ -3,6 +3,8 @@
 
 import contextlib
 import io
+import math
+import numbers
 
 import datasets
 import evaluate
@@ -21,7 +23,10 @@ Args:
         (list of floats), `labels` (list of category ids).
     references: one dict per image: `image_id`, `boxes` (COCO [x, y, w, h]), `labels` (category ids), `iscrowd`
         (0/1 per box) and `area` (per box; COCO uses the segment area, pass w * h for boxes only).
-    max_detections (int, defaults to 100): detections per image for AP (the last of COCO's maxDets).
+    max_detections (int, defaults to 100): detections per image for AP (the last of COCO's maxDets), >= 10.
+    Every number must be finite and every box have a non-negative width and height; an image_id may appear once in
+    the references and once in the predictions; `iscrowd` is 0 or 1. Anything else is a ValueError naming the
+    image and the field.
 Returns:
     mAP, mAP_50, mAP_75, mAP_small, mAP_medium, mAP_large, mAR_1, mAR_10, mAR_100, mAR_small, mAR_medium,
     mAR_large (pycocotools' 12 stats; -1 where no ground truth exists, e.g. no small objects).
@@ -41,6 +46,23 @@ STAT_NAMES = (
 
 def _box_list():
     return datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+
+
+def _check_values(kind: str, image_id: int, field: str, values, minimum: float = -math.inf) -> None:
+    for index, value in enumerate(values):
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError(f"{kind} of image {image_id}: {field}[{index}] = {value} is not a finite number >= {minimum}")
+
+
+def _check_boxes(kind: str, image_id: int, boxes) -> None:
+    """COCO [x, y, w, h] boxes: finite, width and height >= 0 (a NaN box would otherwise count as a perfect match)."""
+    for index, box in enumerate(boxes):
+        if not all(math.isfinite(value) for value in box):
+            raise ValueError(f"{kind} of image {image_id}: boxes[{index}] = {list(box)} is not finite")
+        if box[2] < 0 or box[3] < 0:
+            raise ValueError(
+                f"{kind} of image {image_id}: boxes[{index}] = {list(box)} has a negative width or height (COCO boxes are [x, y, w, h])"
+            )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -70,6 +92,8 @@ class CocoDetection(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, max_detections: int = 100):
+        if isinstance(max_detections, bool) or not isinstance(max_detections, numbers.Integral) or max_detections < 10:
+            raise ValueError(f"max_detections must be an integer >= 10 (COCO's maxDets are 1, 10, max_detections), got {max_detections!r}")
         images, annotations, categories, seen = [], [], set(), set()
         for reference in references:
             image_id = reference["image_id"]
@@ -79,18 +103,28 @@ class CocoDetection(evaluate.Metric):
             fields = ("boxes", "labels", "iscrowd", "area")
             if len({len(reference[name]) for name in fields}) != 1:
                 raise ValueError(f"reference of image {image_id}: boxes, labels, iscrowd and area differ in length")
+            _check_boxes("reference", image_id, reference["boxes"])
+            _check_values("reference", image_id, "area", reference["area"], minimum=0.0)
+            if any(crowd not in (0, 1) for crowd in reference["iscrowd"]):
+                raise ValueError(f"reference of image {image_id}: iscrowd must be 0 or 1, got {reference['iscrowd']}")
             images.append({"id": image_id})
             for box, label, crowd, area in zip(*(reference[name] for name in fields)):
                 categories.add(label)
                 annotations.append(
                     {"id": len(annotations) + 1, "image_id": image_id, "bbox": list(box), "category_id": label, "iscrowd": crowd, "area": area}
                 )
-        detections = []
+        detections, predicted = [], set()
         for prediction in predictions:
-            if prediction["image_id"] not in seen:
-                raise ValueError(f"prediction for image_id {prediction['image_id']}, which has no reference")
+            image_id = prediction["image_id"]
+            if image_id not in seen:
+                raise ValueError(f"prediction for image_id {image_id}, which has no reference")
+            if image_id in predicted:
+                raise ValueError(f"image_id {image_id} appears in several predictions: give all detections of an image in one")
+            predicted.add(image_id)
             if not len(prediction["boxes"]) == len(prediction["scores"]) == len(prediction["labels"]):
-                raise ValueError(f"prediction of image {prediction['image_id']}: boxes, scores and labels differ in length")
+                raise ValueError(f"prediction of image {image_id}: boxes, scores and labels differ in length")
+            _check_boxes("prediction", image_id, prediction["boxes"])
+            _check_values("prediction", image_id, "scores", prediction["scores"])
             for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"]):
                 categories.add(label)
                 detections.append({"image_id": prediction["image_id"], "bbox": list(box), "score": score, "category_id": label})
