@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
 from transformers.utils import ModelOutput
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, install_output_capuring_hook
 
 from .anchor_generator import ATSSAnchorGenerator, cell_anchors_per_level
 from .box_coder import BoxCoder
@@ -361,6 +361,25 @@ class GLIPModel(GLIPPreTrainedModel):
             max_text_len=config.max_text_len,
         )
         self.post_init()
+        self._install_output_recorders()
+
+    def _install_output_recorders(self):
+        """Install the recorders of `_can_record_outputs` on GLIP's own modules, once, at construction.
+
+        The sub-models (backbone, text encoder) record their own outputs: a transformers backbone installs its
+        recorders when it is built, and transformers' `install_all_output_capturing_hooks`, which `capture_outputs`
+        would run on first use, also descends into sub-models and would install theirs a second time (every backbone
+        attention recorded twice). So GLIP installs only its own and marks itself as installed.
+        """
+        sub_models = [name for name, module in self.named_modules() if name and isinstance(module, PreTrainedModel)]
+        for name, module in self.named_modules():
+            if any(name == sub or name.startswith(sub + ".") for sub in sub_models):
+                continue
+            for key, recorders in self._can_record_outputs.items():
+                for recorder in recorders if isinstance(recorders, list) else [recorders]:
+                    if isinstance(module, recorder.target_class):
+                        install_output_capuring_hook(module, key, recorder.index, recorder.capture_initial_hidden_state)
+        self._output_capturing_hooks_installed = True
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The text encoder's word embeddings (`resize_token_embeddings` adds tokens there)."""

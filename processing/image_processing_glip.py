@@ -226,10 +226,17 @@ class GLIPImageProcessor(TorchvisionBackend):
             raise ValueError("no images were given")
         return [load_rgb_image(image, index, kwargs.get("input_data_format")) for index, image in enumerate(images)]
 
+    def canvas_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The (h, w) canvas an image of `height` x `width` pixels is put on when it is processed alone with these
+        settings. GLIP's outputs depend on the canvas (padded pixels enter its statistics), so images batched together
+        without changing their results are exactly the images with one canvas (the one-pass pipeline groups by it)."""
+        if self.do_resize:
+            height, width = get_resize_output_size(height, width, self.min_size, self.max_size)
+        return self._canvas([(height, width)], self.do_pad, self.pad_size, self.size_divisibility)
+
     @staticmethod
-    def _canvas(images: List[torch.Tensor], do_pad: bool, pad_size: Optional[SizeDict], size_divisibility: int) -> Tuple[int, int]:
-        """(h, w) every image of the batch is put on; ValueError when an image does not fit."""
-        sizes = [tuple(image.shape[-2:]) for image in images]
+    def _canvas(sizes: List[Tuple[int, int]], do_pad: bool, pad_size: Optional[SizeDict], size_divisibility: int) -> Tuple[int, int]:
+        """(h, w) every image of the batch (resized (h, w) `sizes`) is put on; ValueError when an image does not fit."""
         if not do_pad:
             if len(set(sizes)) > 1:
                 raise ValueError(f"without do_pad, every image must have the same size after resizing; got (h, w) sizes {sizes}")
@@ -269,7 +276,7 @@ class GLIPImageProcessor(TorchvisionBackend):
                 image = image.resize((width, height), resample=PILImageResampling(resample))
             pixels = tvF.pil_to_tensor(image).to(device).flip(0).float()  # RGB -> BGR on the 0..255 scale (section 1)
             processed.append(self.rescale_and_normalize(pixels, do_rescale, rescale_factor, do_normalize, image_mean, image_std))
-        height, width = self._canvas(processed, do_pad, pad_size, size_divisibility)
+        height, width = self._canvas([tuple(image.shape[-2:]) for image in processed], do_pad, pad_size, size_divisibility)
         # zero padding after normalisation, bottom/right (to_image_list, section 1); a no-op without do_pad
         padded, masks = self.pad(processed, pad_size=SizeDict(height=height, width=width), return_mask=True, disable_grouping=True)
         return BatchFeature(data={"pixel_values": torch.stack(padded), "pixel_mask": torch.stack(masks)}, tensor_type=return_tensors)

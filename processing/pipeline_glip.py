@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional
 from transformers.pipelines import ZeroShotObjectDetectionPipeline
 
 from .image_conversion import load_rgb_image
-from .image_processing_glip import get_resize_output_size
 from .post_processing_glip import check_integer, post_processing_limits, validate_limits
 from .processing_glip import GLIPProcessor
 
@@ -108,19 +107,12 @@ class GLIPZeroShotObjectDetectionPipeline(ZeroShotObjectDetectionPipeline):
             raise ValueError("candidate_labels is empty: give at least one class name")
         return {"image": load_rgb_image(request["image"], timeout=timeout), "candidate_labels": list(labels)}
 
-    def _canvas(self, image) -> tuple:
-        """The padded canvas (h, w) the image processor will put this image on."""
-        processor = self.image_processor
-        height, width = get_resize_output_size(image.height, image.width, processor.min_size, processor.max_size)
-        divisor = processor.size_divisibility
-        return (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
-
     def _canvas_groups(self, loaded: List[Dict[str, Any]], batch_size: int) -> List[List[int]]:
         """Indices of images batched together: same canvas, at most `batch_size` images, input order kept inside."""
         by_canvas: "OrderedDict[tuple, List[int]]" = OrderedDict()
         for index, request in enumerate(loaded):
             try:
-                canvas = self._canvas(request["image"])
+                canvas = self.image_processor.canvas_size(request["image"].height, request["image"].width)
             except ValueError as error:
                 raise ValueError(f"image {index}: {error}") from error
             by_canvas.setdefault(canvas, []).append(index)

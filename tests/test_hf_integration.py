@@ -18,6 +18,7 @@ from transformers import (
     AutoProcessor,
     pipeline,
 )
+from transformers.image_utils import SizeDict
 
 import modeling_glip
 from processing import GLIPZeroShotObjectDetectionPipeline
@@ -150,6 +151,22 @@ def test_one_pass_batches_only_images_on_the_same_canvas(one_pass):
     for alone, together in zip(one_by_one, batched):
         assert [r["label"] for r in alone] == [r["label"] for r in together]
         assert [r["box"] for r in alone] == [r["box"] for r in together]
+        assert np.allclose([r["score"] for r in alone], [r["score"] for r in together], atol=1e-5)
+
+
+def test_one_pass_groups_by_the_image_processors_own_canvas(checkpoint):
+    """With a fixed `pad_size` canvas every image shares one canvas: one forward, same results as one by one."""
+    fixed = pipeline("zero-shot-object-detection", model=str(checkpoint), pipeline_class=GLIPZeroShotObjectDetectionPipeline)
+    fixed.image_processor.pad_size = SizeDict(height=128, width=128)
+    fixed.glip_processor.image_processor = fixed.image_processor
+    images = [random_image(60, 90, seed=1), random_image(40, 40, seed=2)]
+    assert fixed.image_processor.canvas_size(60, 90) == fixed.image_processor.canvas_size(40, 40) == (128, 128)
+    one_by_one = [fixed(image, candidate_labels=["cat", "dog"], threshold=0.0) for image in images]
+    counter = ForwardCounter(fixed.model)
+    batched = fixed(images, candidate_labels=["cat", "dog"], threshold=0.0, batch_size=2)
+    assert counter.count == 1
+    for alone, together in zip(one_by_one, batched):
+        assert [r["label"] for r in alone] == [r["label"] for r in together]
         assert np.allclose([r["score"] for r in alone], [r["score"] for r in together], atol=1e-5)
 
 
