@@ -31,7 +31,7 @@ import logging
 import math
 import random
 from collections import Counter
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -79,7 +79,22 @@ def training_record_features():
 
 
 def _is_integer(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and float(value).is_integer()
+    """An int, or an integral float, that int64 holds exactly (|value| < 2**53); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    if isinstance(value, Integral):
+        return abs(value) < 2**53
+    return math.isfinite(value) and float(value).is_integer() and abs(value) < 2**53
+
+
+def _floats(values) -> Optional[List[float]]:
+    """4 real numbers (not bools) -> floats; anything else, or an integer beyond the float range, -> None."""
+    if not (isinstance(values, (list, tuple)) and len(values) == 4 and all(isinstance(v, Real) and not isinstance(v, bool) for v in values)):
+        return None
+    try:
+        return [float(v) for v in values]
+    except OverflowError:
+        return None
 
 
 def _normalize_annotation(annotation) -> Optional[dict]:
@@ -89,15 +104,12 @@ def _normalize_annotation(annotation) -> Optional[dict]:
         return {"bbox": None, "category_id": None, "tokens_positive": None}
     if annotation.get("iscrowd"):
         return None
-    bbox = annotation.get("bbox")
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, Real) and not isinstance(v, bool) for v in bbox)):
-        bbox = None
     category_id = annotation.get("category_id")
     spans = annotation.get("tokens_positive")
     if not (isinstance(spans, (list, tuple)) and all(isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_integer, span)) for span in spans)):
         spans = None
     return {
-        "bbox": [float(v) for v in bbox] if bbox is not None else None,
+        "bbox": _floats(annotation.get("bbox")),
         "category_id": int(category_id) if _is_integer(category_id) else None,
         "tokens_positive": [[int(start), int(end)] for start, end in spans] if spans is not None else None,
     }
@@ -122,7 +134,7 @@ def normalize_record(record) -> dict:
     for key in ("width", "height"):
         value = record.get(key)
         if value is not None and not (_is_integer(value) and value > 0):
-            problems.append(f"{key} {value!r} is not a positive integer")
+            problems.append(f"{key} {value!r:.40} is not a positive integer")
             value = None
         sizes[key] = int(value) if value is not None else None
     caption = record.get("caption")

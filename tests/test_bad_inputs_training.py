@@ -55,6 +55,8 @@ BAD_RECORDS = {
     "numeric_string_coordinate": ({**GOOD, "annotations": [{"bbox": ["5", 5, 20, 20], "category_id": 11}, GOOD["annotations"][0]]}, {"invalid_box": 1}),
     "annotation_is_a_list": ({**GOOD, "annotations": [[5, 5, 20, 20], GOOD["annotations"][0]]}, {"invalid_box": 1}),
     "infinite_box": ({**GOOD, "annotations": [{"bbox": [5, 5, float("inf"), 20], "category_id": 11}]}, {"invalid_box": 1, "no_valid_boxes": 1}),
+    "number_beyond_float_range": ({**GOOD, "annotations": [{"bbox": [10**400, 5, 20, 20], "category_id": 11}]}, {"invalid_box": 1, "no_valid_boxes": 1}),
+    "width_beyond_int64": ({**GOOD, "width": 2**70}, {"invalid_record": 1}),
     "string_category": ({**GOOD, "annotations": [{"bbox": [5, 5, 20, 20], "category_id": "11"}]}, {"invalid_box": 1, "no_valid_boxes": 1}),
     "non_numeric_width": ({**GOOD, "width": "wide"}, {"invalid_record": 1}),
     "negative_height": ({**GOOD, "height": -64}, {"invalid_record": 1}),
@@ -115,14 +117,15 @@ def test_normalize_record_never_raises_and_keeps_the_reason():
 def test_jsonl_shards_of_different_kinds_load_together(tmp_path, collator, streaming):
     detection = tmp_path / "detection.jsonl"
     grounding = tmp_path / "grounding.jsonl"
-    detection.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "width": "wide", "extra": 1}) + "\n")
+    huge_category = {**GOOD, "annotations": [{"bbox": [5, 5, 20, 20], "category_id": 2**70}, *GOOD["annotations"]]}  # beyond int64
+    detection.write_text("\n".join(json.dumps(row) for row in (GOOD, {**GOOD, "width": "wide", "extra": 1}, huge_category)) + "\n")
     grounding.write_text(json.dumps(grounding_record("good.png", "a red square", [("red square", (5, 5, 20, 20))], width=None, height=None)) + "\n\n")
     records, categories = load_training_records([detection, grounding], streaming=streaming)
     rows = list(records)
-    assert categories is None and [row["caption"] for row in rows] == [None, None, "a red square"]
-    assert rows[1]["invalid"] == "width 'wide' is not a positive integer" and rows[2]["width"] is None
+    assert categories is None and [row["caption"] for row in rows] == [None, None, None, "a red square"]
+    assert rows[1]["invalid"] == "width 'wide' is not a positive integer" and rows[3]["width"] is None
     batch = collate(collator, rows)
-    assert len(batch["labels"]) == 2 and dict(batch["skipped"]) == {"invalid_record": 1}
+    assert len(batch["labels"]) == 3 and dict(batch["skipped"]) == {"invalid_record": 1, "invalid_box": 1}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
