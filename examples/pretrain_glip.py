@@ -9,32 +9,49 @@ The recipe follows `configs/pretrain/glip_Swin_T_O365_GoldG.yaml` (glip_architec
 AdamW (lr 1e-4, text encoder 1e-5, weight decay 1e-4; biases: 2x lr, no decay), linear warm-up from 0.001x over
 2000 steps then x0.1 at 67% and 89% of training, full-model gradient clipping at norm 1.0, EMA of the weights (0.999),
 multi-scale 480-800 / 1333 with flips, detection prompts with up to 85 sampled negative classes. Mixed precision,
-devices and processes come from `accelerate launch` (DDP, FSDP and DeepSpeed need no code change).
+devices and processes come from `accelerate launch` (DDP, FSDP and DeepSpeed need no code change; resuming is refused
+under FSDP, DeepSpeed and Megatron-LM, whose checkpoint loaders unpickle files without `weights_only`).
 
 Fine-tuning modes (`--tuning`, the original's SOLVER.TUNING_HIGHLEVEL_OVERRIDE): `full`; `prompt` (language_prompt_v2:
 only the per-position text offsets `text_prompt` train, every other module is frozen and in eval mode);
 `linear_probe` (linear_prob: only the head's output layers train; backbone, FPN and text encoder frozen, in eval mode).
 
 Exact resume: `--resume_from_checkpoint latest` restores model, optimizer, scheduler, EMA, RNG states and the data
-position (epoch + batches done); every sample's augmentation is a function of (seed, epoch, index), so a killed and
-resumed run ends with the same weights as an uninterrupted one.
+position (epoch + batches done) from the newest complete checkpoint; every sample's augmentation is a function of
+(seed, epoch, index), so a killed and resumed run ends with the same weights as an uninterrupted one. A checkpoint
+that cannot give an exact resume (missing or unreadable RNG states or EMA, another number of processes) is an error
+unless `--allow_inexact_resume` is given.
+
+Checkpoints are written atomically: into `checkpoint-N.incomplete`, every file flushed to disk, then renamed to
+`checkpoint-N`; `trainer_state.json` (written last) lists every file with its size. Nothing in a checkpoint is
+unpickled beyond `torch.load(weights_only=True)`: the model and the EMA are safetensors, the trainer state is JSON.
+
+Training stops with an error, before the optimizer step, at the first non-finite loss or gradient norm (all processes
+agree; `--skip_nonfinite_steps` skips and counts such steps instead), and when an epoch gives no optimizer step at all
+(e.g. every sample skipped: the error shows the skip counts by reason).
 """
 
 import argparse
 import json
 import logging
+import math
 import os
+import re
+import shutil
+import signal
 import sys
 from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, gather_object, set_seed
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -46,10 +63,12 @@ from processing.evaluation import coco_references, load_coco_evaluation_set, pre
 from processing.train_transforms import GLIP_FLIP_PROB, GLIP_TRAIN_MAX_SIZE, GLIP_TRAIN_MIN_SIZES, GLIPTrainTransform
 from processing.training_data import (
     GLIP_RANDOM_SAMPLE_NEG,
+    INCOMPLETE_LAST_BATCH,
     GLIPTrainingCollator,
     IndexedDataset,
     IndexedIterableDataset,
     coco_categories,
+    is_empty_batch,
     load_training_records,
 )
 
@@ -60,68 +79,120 @@ TUNING_MODES = ("full", "prompt", "linear_probe")
 # the original's linear probe keeps these head parameters trainable (GeneralizedVLRCNN.train, MODEL.LINEAR_PROB)
 LINEAR_PROBE_PARAMETERS = ("head.bbox_pred.", "head.centerness.", "head.dot_product_projection_text.", "head.log_scale", "head.bias_lang", "head.bias0")
 TRAINER_STATE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+PARTIAL_SUFFIX = ".incomplete"
+# samples of a usable batch dropped because another process's batch was empty (all processes skip that step)
+DROPPED_WITH_EMPTY_PEER_BATCH = "dropped_with_empty_peer_batch"
+# skipped non-finite steps logged one by one per epoch (then every 100th); every one is counted and tracked
+NONFINITE_WARNINGS = 5
+# their loaders unpickle checkpoint files without weights_only (torch.distributed.checkpoint's .metadata, DeepSpeed)
+UNSAFE_RESUME_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) -> argparse.ArgumentParser:
+    """The training flags, shared by `pretrain_glip.py` and `finetune_glip.py`.
+
+    Args:
+        overrides: per destination, `add_argument` keywords that replace the defaults here (`default`, `help`), and
+            `aliases`: extra option strings, listed first (e.g. finetune's `--train_annotations` for `--train_files`).
+    """
+    overrides = overrides or {}
+    # no abbreviations: `--learning` must not silently mean `--learning_rate`
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+
+    def add(group, *flags, **kwargs):
+        dest = kwargs.pop("dest", flags[0].lstrip("-"))
+        change = dict(overrides.get(dest, {}))
+        group.add_argument(*change.pop("aliases", ()), *flags, dest=dest, **{**kwargs, **change})
+
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", help="a converted / trained GLIPModel folder to start from")
-    model.add_argument("--config", help="new model: a GLIPConfig JSON file or a preset (glip_t, glip_l)")
-    model.add_argument("--timm_backbone", help="new model: replace the backbone by this timm model (random init)")
-    model.add_argument("--text_encoder", help="new model: BertModel folder whose config and weights initialise the text encoder")
-    model.add_argument("--tokenizer", help="BERT tokenizer folder (default: --model_name_or_path or --text_encoder)")
-    model.add_argument("--tuning", choices=TUNING_MODES, default="full", help="which parameters train")
-    model.add_argument("--freeze", nargs="*", default=[], help="module prefixes to freeze (e.g. backbone text_model fpn)")
-    model.add_argument("--gradient_checkpointing", action="store_true", help="activation checkpointing of the BERT / Swin layers")
+    add(model, "--model_name_or_path", help="a converted / trained GLIPModel folder to start from")
+    add(model, "--config", help="new model: a GLIPConfig JSON file or a preset (glip_t, glip_l)")
+    add(model, "--timm_backbone", help="new model: replace the backbone by this timm model (random init)")
+    add(model, "--text_encoder", help="new model: BertModel folder whose config and weights initialise the text encoder")
+    add(model, "--tokenizer", help="BERT tokenizer folder (default: --model_name_or_path or --text_encoder)")
+    add(model, "--tuning", choices=TUNING_MODES, default="full", help="which parameters train")
+    add(model, "--freeze", nargs="*", default=[], help="module prefixes to freeze (e.g. backbone text_model fpn)")
+    add(model, "--gradient_checkpointing", action="store_true", help="activation checkpointing of the BERT / Swin layers")
     data = parser.add_argument_group("data")
-    data.add_argument("--train_files", nargs="+", required=True, help="COCO / MDETR .json files or .jsonl record shards")
-    data.add_argument("--image_root", help="folder that the records' file_name are relative to")
-    data.add_argument("--categories", help="COCO json whose `categories` name the detection labels (default: the train json's)")
-    data.add_argument("--streaming", action="store_true", help="stream .jsonl shards instead of loading them")
-    data.add_argument("--max_negatives", type=int, default=GLIP_RANDOM_SAMPLE_NEG, help="sampled negative classes per prompt; -1: every class")
-    data.add_argument("--no_shuffle_classes", action="store_true", help="keep class-id order in detection prompts")
-    data.add_argument("--min_sizes", type=int, nargs="+", default=list(GLIP_TRAIN_MIN_SIZES))
-    data.add_argument("--max_size", type=int, default=GLIP_TRAIN_MAX_SIZE)
-    data.add_argument("--flip_prob", type=float, default=GLIP_FLIP_PROB)
-    data.add_argument("--per_device_batch_size", type=int, default=2)
-    data.add_argument("--num_workers", type=int, default=2)
+    add(data, "--train_files", nargs="+", required=True, help="COCO / MDETR .json files or .jsonl record shards")
+    add(data, "--image_root", help="folder that the records' file_name are relative to (default: the current directory)")
+    add(data, "--categories", help="COCO json whose `categories` name the detection labels (default: the train json's)")
+    add(data, "--streaming", action="store_true", help="stream .jsonl shards instead of loading them")
+    add(data, "--max_negatives", type=int, default=GLIP_RANDOM_SAMPLE_NEG, help="sampled negative classes per prompt; -1: every class")
+    add(data, "--shuffle_classes", dest="shuffle_classes", action="store_true", default=True, help="shuffle the classes of detection prompts")
+    add(data, "--no_shuffle_classes", dest="shuffle_classes", action="store_false", default=True, help="keep class-id order in detection prompts")
+    add(data, "--min_sizes", type=int, nargs="+", default=list(GLIP_TRAIN_MIN_SIZES), help="short sides of the multi-scale training resize (AUGMENT.MULT_MIN_SIZE_TRAIN)")
+    add(data, "--max_size", type=int, default=GLIP_TRAIN_MAX_SIZE, help="cap on the long side (INPUT.MAX_SIZE_TRAIN)")
+    add(data, "--flip_prob", type=float, default=GLIP_FLIP_PROB, help="horizontal flip probability")
+    add(data, "--per_device_batch_size", type=int, default=2, help="images per process and step")
+    add(data, "--num_workers", type=int, default=2, help="data-loading worker processes per process")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--text_learning_rate", type=float, default=1e-5, help="learning rate of the text encoder (LANG_LR)")
-    optim.add_argument("--weight_decay", type=float, default=1e-4)
-    optim.add_argument("--bias_lr_factor", type=float, default=2.0, help="SOLVER.BIAS_LR_FACTOR (biases also get no weight decay)")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--max_steps", type=int, help="optimizer steps (default: num_epochs x batches per epoch)")
-    optim.add_argument("--num_epochs", type=int, default=1)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--warmup_steps", type=int, default=2000)
-    optim.add_argument("--warmup_factor", type=float, default=0.001)
-    optim.add_argument("--lr_steps", type=float, nargs="*", default=[0.67, 0.89], help="fractions of max_steps where lr x gamma")
-    optim.add_argument("--lr_gamma", type=float, default=0.1)
-    optim.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA")
+    add(optim, "--learning_rate", type=float, default=1e-4, help="AdamW learning rate (BASE_LR)")
+    add(optim, "--text_learning_rate", type=float, default=1e-5, help="learning rate of the text encoder (LANG_LR)")
+    add(optim, "--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    add(optim, "--bias_lr_factor", type=float, default=2.0, help="SOLVER.BIAS_LR_FACTOR (biases also get no weight decay)")
+    add(optim, "--max_grad_norm", type=float, default=1.0, help="0: no clipping (the norm is still checked)")
+    add(optim, "--max_steps", type=int, help="optimizer steps (default: num_epochs x batches per epoch)")
+    add(optim, "--num_epochs", type=int, default=1, help="epochs, when --max_steps is not given")
+    add(optim, "--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    add(optim, "--warmup_steps", type=int, default=2000, help="linear warm-up steps (WARMUP_ITERS)")
+    add(optim, "--warmup_factor", type=float, default=0.001, help="learning-rate factor at step 0 of the warm-up")
+    add(optim, "--lr_steps", type=float, nargs="*", default=[0.67, 0.89], help="fractions of max_steps where lr x gamma")
+    add(optim, "--lr_gamma", type=float, default=0.1, help="learning-rate factor at each of --lr_steps")
+    add(optim, "--ema_decay", type=float, default=0.999, help="0 disables the EMA")
+    add(optim, "--skip_nonfinite_steps", action="store_true", help="skip (and count) optimizer steps with a non-finite loss or gradient norm instead of stopping")
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", required=True)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: accelerate launch's setting")
-    run.add_argument("--cpu", action="store_true", help="train on CPU (also with several processes: gloo)")
-    run.add_argument("--find_unused_parameters", action="store_true")
-    run.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: only at the end)")
-    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in output_dir")
-    run.add_argument("--logging_steps", type=int, default=10)
-    run.add_argument("--report_to", default="jsonl", help="Accelerate trackers (tensorboard, wandb, ...); 'jsonl' writes output_dir/metrics.jsonl")
-    run.add_argument("--eval_annotations", help="COCO json of a detection validation set")
-    run.add_argument("--eval_image_root")
-    run.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (and at the end) when --eval_annotations is set")
-    run.add_argument("--eval_min_size", type=int, default=800)
-    run.add_argument("--eval_max_size", type=int, default=1333)
-    run.add_argument("--eval_names_per_chunk", type=int, help="class names per prompt chunk at evaluation")
-    run.add_argument("--kill_after_steps", type=int, help="testing aid: hard-exit (os._exit, no cleanup) after this many steps")
-    args = parser.parse_args(argv)
+    add(run, "--output_dir", required=True, help="checkpoints, metrics and the final model(s)")
+    add(run, "--seed", type=int, default=0, help="seed of the data order, augmentation and initialisation")
+    add(run, "--mixed_precision", choices=("no", "fp16", "bf16"), help="default: accelerate launch's setting")
+    add(run, "--cpu", action="store_true", help="train on CPU (also with several processes: gloo)")
+    add(run, "--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
+    add(run, "--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: only at the end)")
+    add(run, "--resume_from_checkpoint", help="a checkpoint folder, or 'latest': the newest complete one in output_dir")
+    add(run, "--allow_inexact_resume", action="store_true", help="resume from a checkpoint without (readable) RNG states or EMA, or saved by another number of processes")
+    add(run, "--logging_steps", type=int, default=10, help="log mean losses and skip counts every N steps")
+    add(run, "--report_to", default="jsonl", help="Accelerate trackers (tensorboard, wandb, ...); 'jsonl' writes output_dir/metrics.jsonl")
+    add(run, "--eval_annotations", help="COCO json of a detection validation set")
+    add(run, "--eval_image_root", help="folder of the validation images")
+    add(run, "--eval_steps", type=int, default=0, help="evaluate every N steps (and at the end) when --eval_annotations is set")
+    add(run, "--eval_min_size", type=int, default=800, help="evaluation resize: short side")
+    add(run, "--eval_max_size", type=int, default=1333, help="evaluation resize: long-side cap")
+    add(run, "--eval_names_per_chunk", type=int, help="class names per prompt chunk at evaluation")
+    add(run, "--kill_after_steps", type=int, help="testing aid: hard-exit (os._exit, no cleanup) after this many steps")
+    add(run, "--kill_during_save", type=int, help="testing aid: SIGKILL while the checkpoint of this step is being written")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Checks of the parsed flags that argparse cannot express (`parser.error` names the flag and the value)."""
     if (args.model_name_or_path is None) == (args.config is None):
         parser.error("give exactly one of --model_name_or_path (start from a model) or --config (new model)")
     if args.max_steps is None and args.streaming:
         parser.error("--streaming needs --max_steps (a stream has no length)")
+    at_least = {
+        "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "num_epochs": 1, "logging_steps": 1, "max_size": 1,
+        "num_workers": 0, "checkpointing_steps": 0, "warmup_steps": 0, "eval_steps": 0, "max_steps": 1,
+    }
+    for name, minimum in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}")
+    if min(args.min_sizes) < 1:
+        parser.error(f"--min_sizes must be positive, got {args.min_sizes}")
+    for name in ("learning_rate", "text_learning_rate", "weight_decay", "bias_lr_factor", "max_grad_norm", "warmup_factor", "lr_gamma", "ema_decay"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name} must be a finite number >= 0, got {value}")
+    if not 0 <= args.ema_decay < 1 or not 0 <= args.flip_prob <= 1:
+        parser.error(f"--ema_decay must be in [0, 1) and --flip_prob in [0, 1], got {args.ema_decay} and {args.flip_prob}")
     return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser(__doc__.split("\n\n")[0])
+    return check_args(parser, parser.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,6 +262,13 @@ def configure_tuning(model: GLIPModel, mode: str, freeze: Sequence[str] = ()) ->
     return frozen_modules + [prefix for prefix in freeze if prefix not in frozen_modules]
 
 
+def check_finite_parameters(model: torch.nn.Module, where: str):
+    """Raise ValueError naming the parameters / buffers of `model` that hold NaN or inf values."""
+    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"the model {where} has non-finite values in {len(bad)} tensors: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+
+
 def set_train_mode(model: torch.nn.Module, frozen_modules: Sequence[str]):
     """`model.train()`, with the frozen modules in eval mode (no dropout, DropBlock or BatchNorm updates there)."""
     model.train()
@@ -224,8 +302,8 @@ def warmup_multistep_factor(step: int, warmup_steps: int, warmup_factor: float, 
 
 
 class ExponentialMovingAverage:
-    """EMA of every floating-point entry of a model's state dict (the original's `ModelEma`, SOLVER.MODEL_EMA);
-    `state_dict` / `load_state_dict` make it part of Accelerate checkpoints."""
+    """EMA of every floating-point entry of a model's state dict (the original's `ModelEma`, SOLVER.MODEL_EMA); saved
+    in checkpoints as `ema.safetensors` (`save_checkpoint`)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -243,6 +321,8 @@ class ExponentialMovingAverage:
         return dict(self.shadow)
 
     def load_state_dict(self, state_dict: dict):
+        if state_dict.keys() != self.shadow.keys():
+            raise ValueError(f"EMA weights do not match the model: missing {sorted(self.shadow.keys() - state_dict.keys())[:5]}, unexpected {sorted(state_dict.keys() - self.shadow.keys())[:5]}")
         for key, value in state_dict.items():
             self.shadow[key].copy_(value)
 
@@ -274,7 +354,7 @@ class JSONLinesTracker(GeneralTracker):
 # ----------------------------------------------------------------------------------------------------------------------
 # data and evaluation
 # ----------------------------------------------------------------------------------------------------------------------
-def build_train_loader(args, processor: GLIPProcessor):
+def build_train_loader(args, processor: GLIPProcessor, num_processes: int):
     records, categories = load_training_records(args.train_files, streaming=args.streaming)
     if args.categories:
         categories = coco_categories(args.categories)
@@ -283,14 +363,15 @@ def build_train_loader(args, processor: GLIPProcessor):
         image_root=args.image_root,
         transform=transform,
         max_negatives=None if args.max_negatives < 0 else args.max_negatives,
-        shuffle_classes=not args.no_shuffle_classes,
+        shuffle_classes=args.shuffle_classes,
         seed=args.seed,
     )
     if categories:
         collator = GLIPTrainingCollator.from_categories(processor, categories, **collator_kwargs)
     else:
         collator = GLIPTrainingCollator(processor, **collator_kwargs)
-    dataset = IndexedIterableDataset(records) if args.streaming else IndexedDataset(records)
+    # a stream drops (and counts) its incomplete last global batch itself
+    dataset = IndexedIterableDataset(records, args.per_device_batch_size * num_processes) if args.streaming else IndexedDataset(records)
     loader = DataLoader(
         dataset,
         batch_size=args.per_device_batch_size,
@@ -325,13 +406,198 @@ def evaluate_detection(accelerator: Accelerator, model: GLIPModel, processor: GL
 # ----------------------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------------------
+def global_counts(accelerator: Accelerator, counts: Counter) -> Counter:
+    """The sum over processes of a per-process Counter (a collective: every process must call it)."""
+    total = Counter()
+    for process_counts in gather_object([dict(counts)]):
+        total.update(process_counts)
+    return total
+
+
+def _fsync(path: Path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why `folder` is not a complete checkpoint of this script, or None: its `trainer_state.json` (written last) must
+    parse and every file it lists must be there with the size it was written with."""
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return f"it has no {TRAINER_STATE} (its save did not finish, or it is not a checkpoint of this script)"
+    except (OSError, ValueError) as error:
+        return f"its {TRAINER_STATE} cannot be read: {error}"
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"its {TRAINER_STATE} lists no files (written by an older version of this script?)"
+    counters = ("global_step", "epoch", "batches_in_epoch", "nonfinite_steps_skipped", "num_processes")
+    bad = [key for key in counters if not (isinstance(state.get(key), int) and state[key] >= 0)]
+    if bad or not isinstance(state.get("skipped"), dict) or not all(isinstance(v, int) for v in state["skipped"].values()):
+        return f"its {TRAINER_STATE} has invalid fields: {bad or ['skipped']}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete `checkpoint-<int>` in `output_dir`; other names are ignored, incomplete checkpoints and
+    interrupted saves (`checkpoint-N.incomplete`) are skipped with a warning."""
+    candidates = []
+    for path in output_dir.iterdir() if output_dir.is_dir() else ():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            candidates.append((int(match.group(1)), path))
+        elif path.name.startswith("checkpoint-") and path.name.endswith(PARTIAL_SUFFIX):
+            logger.warning(f"skipping {path}: a checkpoint save that was interrupted")
+    for _, path in sorted(candidates, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(f"skipping incomplete checkpoint {path}: {problem}")
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, ema: Optional[ExponentialMovingAverage], kill_during_save: Optional[int] = None) -> Path:
+    """Write `output_dir/checkpoint-<global_step>` atomically (every process must call it).
+
+    Accelerate's state (model safetensors, optimizer, scheduler, RNG states) and the EMA (safetensors) go to
+    `checkpoint-N.incomplete`; then the main process writes `trainer_state.json` (`state` plus the list of files and
+    their sizes), flushes every file and the folder to disk and renames the folder to `checkpoint-N`. A crash at any
+    point leaves either the previous checkpoints and an `.incomplete` folder, or the finished checkpoint.
+    """
+    final = output_dir / f"checkpoint-{state['global_step']}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process and ema is not None:
+        save_file({key: value.detach().cpu().contiguous() for key, value in ema.state_dict().items()}, str(partial / EMA_WEIGHTS))
+    accelerator.wait_for_everyone()
+    if kill_during_save == state["global_step"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash with the state files written, before the rename
+    if accelerator.is_main_process:
+        files = {str(path.relative_to(partial)): path.stat().st_size for path in sorted(partial.rglob("*")) if path.is_file()}
+        for name in files:
+            _fsync(partial / name)
+        (partial / TRAINER_STATE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes, "files": files}, indent=1))
+        _fsync(partial / TRAINER_STATE)
+        _fsync(partial)
+        replaced = final.with_name(final.name + ".replaced")
+        if final.exists():  # the same step saved again (a resumed run): a folder cannot be renamed over a full one
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        _fsync(output_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rng_state_problem(folder: Path, process_index: int) -> Optional[str]:
+    """Why this process's RNG states in `folder` cannot be restored, or None (read as `load_state` reads them)."""
+    path = folder / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    if not path.is_file():
+        return f"{path.name} (the RNG states of process {process_index}) is missing"
+    try:
+        states = accelerate_load(path)  # torch.load(weights_only=True), numpy arrays allowed
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing: no exact resume
+        return f"{path.name} cannot be read with weights_only=True ({type(error).__name__}: {str(error)[:200]})"
+    required = {"random_state", "numpy_random_seed", "torch_manual_seed"} | ({"torch_cuda_manual_seed"} if torch.cuda.is_available() else set())
+    if not isinstance(states, dict) or not required <= states.keys():
+        return f"{path.name} lacks the RNG states {sorted(required - set(states if isinstance(states, dict) else ()))}"
+    return None
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, model, ema: Optional[ExponentialMovingAverage], allow_inexact_resume: bool = False) -> dict:
+    """Restore a `save_checkpoint` folder into the prepared objects and return its trainer state (every process must
+    call it; all of them raise together).
+
+    Nothing is unpickled beyond `torch.load(weights_only=True)`: model and EMA are safetensors, optimizer, scheduler
+    and RNG states go through Accelerate's `load` with `weights_only=True`, and a folder with Accelerate custom-state
+    pickles is refused (no custom object is registered).
+
+    Raises:
+        ValueError: an incomplete or unsafe checkpoint, one that cannot give an exact resume (unless
+            `allow_inexact_resume`), or any file that fails to load.
+    """
+    if accelerator.distributed_type in UNSAFE_RESUME_TYPES:
+        raise ValueError(f"resuming is not supported with {accelerator.distributed_type}: its checkpoint loader unpickles files without weights_only")
+    problem = checkpoint_problem(folder)
+    inexact = []
+    if problem is None:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        if state.get("num_processes") != accelerator.num_processes:
+            inexact.append(f"it was saved by {state.get('num_processes')} processes, this run has {accelerator.num_processes}")
+        rng_problem = _rng_state_problem(folder, accelerator.process_index)
+        if rng_problem:
+            inexact.append(rng_problem)
+        if ema is not None and not (folder / EMA_WEIGHTS).is_file():
+            inexact.append(f"it has no {EMA_WEIGHTS} (the EMA would restart from the resumed weights)")
+    problems = [item for process in gather_object([[problem]]) for item in process if item]
+    inexact = sorted({item for process in gather_object([inexact]) for item in process})
+    if problems:
+        raise ValueError(f"cannot resume from {folder}: {problems[0]}")
+    if inexact:
+        if not allow_inexact_resume:
+            raise ValueError(f"{folder} cannot give an exact resume: {'; '.join(inexact)}. Pass --allow_inexact_resume to resume anyway")
+        logger.warning(f"inexact resume from {folder}: {'; '.join(inexact)}")
+    try:
+        accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        if ema is not None and (folder / EMA_WEIGHTS).is_file():
+            ema.load_state_dict(load_file(str(folder / EMA_WEIGHTS)))
+    except Exception as error:  # noqa: BLE001 - one message naming the checkpoint, the cause chained
+        raise ValueError(f"cannot resume from {folder}: {type(error).__name__}: {str(error)[:500]}") from error
+    if ema is not None and not (folder / EMA_WEIGHTS).is_file():  # an allowed inexact resume: restart the EMA
+        ema.shadow = {key: value.detach().clone() for key, value in accelerator.unwrap_model(model).state_dict().items()}
+    check_finite_parameters(accelerator.unwrap_model(model), f"in {folder}")
+    return state
+
+
+def optimizer_step_if_finite(accelerator: Accelerator, model, optimizer, losses_finite: bool, max_grad_norm: float) -> Tuple[bool, float]:
+    """At a gradient-synchronising step: clip the full model's gradients (CLIP_TYPE full_model; max_grad_norm 0: no
+    clipping) and step the optimizer only if, on every process, the losses since the last step and the gradient norm
+    are finite. Gradients are cleared either way.
+
+    With fp16 loss scaling the gradient norm is left to the GradScaler (it skips overflowing steps and lowers the
+    scale); the losses are still checked.
+
+    Returns:
+        (whether the optimizer stepped, this process's gradient norm or NaN when not measured).
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    measured = norm is not None and accelerator.scaler is None  # DeepSpeed clips inside its engine and returns None
+    norm = float(norm) if norm is not None else math.nan
+    finite = losses_finite and (not measured or math.isfinite(norm))
+    nonfinite_processes = accelerator.reduce(torch.tensor(0.0 if finite else 1.0, device=accelerator.device), reduction="sum")
+    stepped = float(nonfinite_processes) == 0
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad()
+    return stepped, norm
+
+
+def no_progress_error(epoch: int, progress: Counter, skipped: Counter, global_batch: int) -> ValueError:
+    return ValueError(
+        f"epoch {epoch} gave no optimizer step ({progress['batches']} batches of {global_batch} records over all processes; "
+        f"{progress['empty_batches']} with every sample of a process skipped, {progress['nonfinite_steps']} non-finite steps skipped). "
+        f"Skipped so far, by reason: {dict(sorted(skipped.items()))}. Check --train_files / --image_root and the warnings above"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    args = parse_args(argv)
+    train(parse_args(argv))
+
+
+def train(args: argparse.Namespace):
+    """Train with parsed flags (`parse_args` here, or `finetune_glip.parse_args`)."""
     output_dir = Path(args.output_dir)
     trackers = [JSONLinesTracker("glip", str(output_dir))] if args.report_to == "jsonl" else (None if args.report_to == "none" else args.report_to)
     accelerator = Accelerator(
@@ -351,75 +617,97 @@ def main(argv: Optional[Sequence[str]] = None):
 
     processor = build_processor(args)
     model = build_model(args)
+    check_finite_parameters(model, "to train")
     frozen_modules = configure_tuning(model, args.tuning, args.freeze)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    dataset, loader, categories = build_train_loader(args, processor)
+    dataset, loader, categories = build_train_loader(args, processor, accelerator.num_processes)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.learning_rate, args.text_learning_rate, args.weight_decay, args.bias_lr_factor))
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    global_batch = args.per_device_batch_size * accelerator.num_processes
     batches_per_epoch = None if args.streaming else len(loader)
     steps_per_epoch = None if batches_per_epoch is None else max(batches_per_epoch // args.gradient_accumulation_steps, 1)
     max_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    # records a map-style epoch never shows (drop_last); a stream counts its own dropped tail (IndexedIterableDataset)
+    dropped_per_epoch = 0 if args.streaming else len(dataset) - batches_per_epoch * global_batch
     milestones = [round(fraction * max_steps) for fraction in args.lr_steps]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_multistep_factor(step, args.warmup_steps, args.warmup_factor, milestones, args.lr_gamma)
     )
     scheduler = accelerator.prepare(scheduler)
     ema = ExponentialMovingAverage(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": {}}
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": {}, "nonfinite_steps_skipped": 0}
     if args.resume_from_checkpoint:
         checkpoint = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
-            raise ValueError(f"no checkpoint to resume from ({args.resume_from_checkpoint!r} in {output_dir})")
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+        state = load_checkpoint(accelerator, checkpoint, model, ema, args.allow_inexact_resume)
         logger.info(f"resumed from {checkpoint} at step {state['global_step']}")
-    skipped = Counter(state["skipped"])
+    # per process: skipped samples / boxes since the start of the run (the resumed totals are the main process's)
+    skipped = Counter(state["skipped"] if accelerator.is_main_process else {})
 
-    def save_checkpoint():
-        folder = output_dir / f"checkpoint-{state['global_step']}"
-        accelerator.save_state(str(folder))
-        if accelerator.is_main_process:
-            (folder / TRAINER_STATE).write_text(json.dumps({**state, "skipped": dict(skipped)}))
-        accelerator.wait_for_everyone()
+    def checkpoint_now():
+        totals = global_counts(accelerator, skipped)
+        save_checkpoint(accelerator, output_dir, {**state, "skipped": dict(totals)}, ema, args.kill_during_save)
 
     accelerator.init_trackers("glip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))})
     progress = tqdm(total=max_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process, desc="train")
     set_train_mode(model, frozen_modules)
-    running: Counter = Counter()
+    running: Counter = Counter()  # loss sums of the applied steps since the last log
+    window: Counter = Counter()  # loss sums of the batches accumulated since the last optimizer step
+    losses_finite, logged_skips = True, Counter()
     while state["global_step"] < max_steps:
-        dataset.set_epoch(state["epoch"])
-        loader.set_epoch(state["epoch"])
-        epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+        epoch, resumed_batches = state["epoch"], state["batches_in_epoch"]
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, resumed_batches) if resumed_batches else loader
+        epoch_progress = Counter()
         for batch in epoch_loader:
             state["batches_in_epoch"] += 1
-            # a batch whose samples were all skipped: every process skips the step together
-            empty = torch.tensor([batch is None], device=accelerator.device)
-            if bool(accelerator.gather(empty).any()):
-                if batch is not None:
-                    skipped.update(batch["skipped"])
-                continue
+            epoch_progress["batches"] += 1
             skipped.update(batch.pop("skipped"))
+            # a batch whose samples were all skipped on some process: every process skips the step together
+            empty = torch.tensor([is_empty_batch(batch)], device=accelerator.device)
+            if bool(accelerator.gather(empty).any()):
+                epoch_progress["empty_batches"] += 1
+                if not is_empty_batch(batch):
+                    skipped[DROPPED_WITH_EMPTY_PEER_BATCH] += len(batch["labels"])
+                continue
             with accelerator.accumulate(model):
                 outputs = model(**batch)
+                losses_finite = losses_finite and bool(torch.isfinite(outputs.loss.detach()))
+                window.update({name: value.detach().item() for name, value in outputs.loss_dict.items()})
+                window["loss"] += outputs.loss.detach().item()
+                window["batches"] += 1
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # CLIP_TYPE full_model
-                optimizer.step()
-                optimizer.zero_grad()
-            running.update({name: value.detach().item() for name, value in outputs.loss_dict.items()})
-            running["loss"] += outputs.loss.detach().item()
-            running["batches"] += 1
-            if not accelerator.sync_gradients:
+                if not accelerator.sync_gradients:
+                    continue
+                stepped, grad_norm = optimizer_step_if_finite(accelerator, model, optimizer, losses_finite, args.max_grad_norm)
+            losses_finite = True
+            if not stepped:
+                where = f"optimizer step {state['global_step'] + 1} (epoch {epoch}, batch {state['batches_in_epoch']})"
+                what = f"mean loss {window['loss'] / window['batches']:.6g}, gradient norm {grad_norm:.6g} on this process"
+                window.clear()
+                if not args.skip_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient norm at {where} ({what}); the weights were not updated. Lower the "
+                        "learning rate or check the data; --skip_nonfinite_steps skips such steps instead"
+                    )
+                state["nonfinite_steps_skipped"] += 1
+                epoch_progress["nonfinite_steps"] += 1
+                if epoch_progress["nonfinite_steps"] <= NONFINITE_WARNINGS or epoch_progress["nonfinite_steps"] % 100 == 0:
+                    logger.warning(f"skipped {where}: non-finite loss or gradient norm ({what}); {state['nonfinite_steps_skipped']} such steps so far")
+                accelerator.log({"nonfinite_steps_skipped": state["nonfinite_steps_skipped"]}, step=state["global_step"])
                 continue
+            running.update(window)
+            window.clear()
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
             state["global_step"] += 1
+            epoch_progress["steps"] += 1
             progress.update(1)
 
             step = state["global_step"]
@@ -427,20 +715,30 @@ def main(argv: Optional[Sequence[str]] = None):
                 means = {name: value / running["batches"] for name, value in running.items() if name != "batches"}
                 means = {name: accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="mean").item() for name, value in means.items()}
                 means["lr"] = scheduler.get_last_lr()[0]
-                means.update({f"skipped_{reason}": count for reason, count in skipped.items()})
+                totals = global_counts(accelerator, skipped)
+                means.update({f"skipped_{reason}": count for reason, count in totals.items()})
+                means["nonfinite_steps_skipped"] = state["nonfinite_steps_skipped"]
                 accelerator.log(means, step=step)
+                if totals != logged_skips:  # one aggregated line, not one per sample
+                    logger.warning(f"step {step}: skipped so far, by reason: {dict(sorted(totals.items()))}")
+                    logged_skips = totals
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 running.clear()
             if args.eval_annotations and args.eval_steps and step % args.eval_steps == 0:
                 accelerator.log({f"eval_{k}": v for k, v in evaluate_detection(accelerator, accelerator.unwrap_model(model), processor, args).items()}, step=step)
                 set_train_mode(model, frozen_modules)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint()
+                checkpoint_now()
             if args.kill_after_steps is not None and step >= args.kill_after_steps:
                 os._exit(1)  # simulated crash: no cleanup, no final save
             if step >= max_steps:
                 break
         else:
+            if accelerator.is_main_process and dropped_per_epoch:
+                skipped[INCOMPLETE_LAST_BATCH] += dropped_per_epoch
+            # an epoch seen from its start without one optimizer step (none pending either) can never make progress
+            if resumed_batches == 0 and epoch_progress["steps"] == 0 and window["batches"] == 0:
+                raise no_progress_error(epoch, epoch_progress, global_counts(accelerator, skipped), global_batch)
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
             continue
@@ -448,7 +746,7 @@ def main(argv: Optional[Sequence[str]] = None):
     progress.close()
 
     if not args.checkpointing_steps or state["global_step"] % args.checkpointing_steps:
-        save_checkpoint()
+        checkpoint_now()
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes > 1:  # diagnostic: DDP keeps every process's weights identical
         weights = torch.cat([p.detach().float().flatten() for p in unwrapped.parameters()])
@@ -456,14 +754,15 @@ def main(argv: Optional[Sequence[str]] = None):
         accelerator.log({"final_rank_weight_max_diff": spread.item()}, step=state["global_step"])
     if args.eval_annotations:
         accelerator.log({f"eval_{k}": v for k, v in evaluate_detection(accelerator, unwrapped, processor, args).items()}, step=state["global_step"])
+    totals = global_counts(accelerator, skipped)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
         if ema is not None:
             unwrapped.save_pretrained(output_dir / "model_ema", state_dict=ema.state_dict())
             processor.save_pretrained(output_dir / "model_ema")
-        if skipped:
-            logger.warning(f"skipped during training: {dict(skipped)}")
+        if totals or state["nonfinite_steps_skipped"]:
+            logger.warning(f"skipped during training, by reason: {dict(sorted(totals.items()))}; non-finite steps skipped: {state['nonfinite_steps_skipped']}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -18,6 +18,7 @@ from processing.training_data import (
     IndexedDataset,
     IndexedIterableDataset,
     coco_json_to_records,
+    is_empty_batch,
     load_training_records,
     sample_rng,
 )
@@ -104,8 +105,9 @@ def test_bad_samples_are_skipped_and_counted(processor, tmp_path, caplog):
     expected = {"corrupt_image": 2, "size_mismatch": 1, "no_valid_boxes": 2, "invalid_box": 6}
     assert dict(batch["skipped"]) == expected and dict(collator.skipped) == expected
     assert "corrupt.png" in caplog.text and "missing.png" in caplog.text
-    # a batch of only bad samples is None (the training loop skips the step on every process)
-    assert collate(collator, records[1:3]) is None
+    # a batch of only bad samples carries only its counts (the training loop skips the step on every process)
+    empty = collate(collator, records[1:3])
+    assert is_empty_batch(empty) and empty == {"skipped": {"corrupt_image": 2}}
     assert collator.skipped["corrupt_image"] == 4
 
 

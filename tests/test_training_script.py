@@ -2,11 +2,8 @@
 uninterrupted run, overfitting 4 images recovers their boxes; plus the fine-tuning modes, gradient checkpointing and
 a timm backbone trained in-process."""
 
-import importlib.util
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,18 +17,7 @@ from modeling_glip.modeling_glip import GLIPModel
 from processing import GLIPImageProcessor, GLIPProcessor
 from processing.train_transforms import GLIPTrainTransform
 from processing.training_data import GLIPTrainingCollator, coco_json_to_records
-from tests.training_fixtures import make_detection_set, tiny_training_config
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "pretrain_glip.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def load_script(name="pretrain_glip"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.training_fixtures import ENV, common_args, load_script, make_detection_set, run, tiny_training_config  # noqa: F401 (ENV, load_script: also imported from here by test_metrics_training)
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +27,6 @@ def workspace(tmp_path_factory, bert_vocab_dir):
     tiny_training_config(deterministic=True).to_json_file(root / "deterministic.json")
     tiny_training_config().to_json_file(root / "stochastic.json")
     return root, bert_vocab_dir
-
-
-def common_args(root, vocab, config, **overrides):
-    args = {
-        "--cpu": None, "--config": str(root / config), "--tokenizer": str(vocab), "--train_files": str(root / "train.json"),
-        "--image_root": str(root), "--max_steps": "6", "--num_workers": "0", "--min_sizes": ["48", "64"], "--max_size": "80",
-        "--warmup_steps": "2", "--logging_steps": "1", "--checkpointing_steps": "3", "--per_device_batch_size": "2",
-    }
-    args.update(overrides)
-    argv = []
-    for flag, value in args.items():
-        argv += [flag] + ([] if value is None else value if isinstance(value, list) else [value])
-    return argv
-
-
-def run(argv, launcher=(sys.executable,), expect_rc=0):
-    result = subprocess.run([*launcher, str(SCRIPT), *argv], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == expect_rc, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def weights(output_dir: Path, name="model"):
@@ -105,12 +72,23 @@ def test_kill_and_resume_equals_uninterrupted_training(workspace):
     root, vocab = workspace
     full, resumed = root / "full", root / "resumed"
     run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(full)}))  # dropout, DropBlock, flips, multi-scale
-    # killed after step 5 (checkpoint at step 3, 4 batches per epoch): the resume crosses an epoch boundary
-    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--kill_after_steps": "5"}), expect_rc=1)
-    assert not (resumed / "model").exists() and (resumed / "checkpoint-3").is_dir()
-    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--resume_from_checkpoint": "latest"}))
+    # kill -9 while checkpoint-6 is being written (checkpoint-3 complete, 4 batches per epoch): the resume from step 3
+    # crosses an epoch boundary
+    run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--kill_during_save": "6"}), expect_rc=-9)
+    assert not (resumed / "model").exists() and not (resumed / "checkpoint-6").exists()
+    assert (resumed / "checkpoint-6.incomplete" / "model.safetensors").is_file()  # the half-written save
+    # a half-written checkpoint of an older, non-atomic save and a stray folder whose name is not checkpoint-<int>
+    (resumed / "checkpoint-9").mkdir()
+    (resumed / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
+    (resumed / "checkpoint-4.tmp").mkdir()
+    result = run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--resume_from_checkpoint": "latest"}))
+    log = result.stderr
+    assert "checkpoint-6.incomplete: a checkpoint save that was interrupted" in log
+    assert f"skipping incomplete checkpoint {resumed / 'checkpoint-9'}: it has no trainer_state.json" in log
+    assert f"resumed from {resumed / 'checkpoint-3'} at step 3" in log
     assert max_difference(weights(full), weights(resumed)) == 0.0
     assert max_difference(weights(full, "model_ema"), weights(resumed, "model_ema")) == 0.0
+    assert not (resumed / "checkpoint-6.incomplete").exists() and (resumed / "checkpoint-6" / "trainer_state.json").is_file()
 
 
 def test_overfitting_four_images_recovers_their_boxes(tmp_path, bert_vocab_dir):

@@ -1,8 +1,13 @@
 """Synthetic data and tiny configs shared by the training tests: coloured squares on grey 64x64 images, in COCO
-detection and MDETR-style grounding form, and a GLIP config small enough to train a few steps on CPU."""
+detection and MDETR-style grounding form, a GLIP config small enough to train a few steps on CPU, and helpers that run
+the example training scripts."""
 
+import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -79,3 +84,41 @@ def grounding_record(file_name: str, caption: str, phrases: List[tuple], width: 
         "caption": caption,
         "annotations": [{"bbox": list(bbox), "tokens_positive": [[caption.index(text), caption.index(text) + len(text)]]} for text, bbox in phrases],
     }
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "pretrain_glip.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def load_script(name: str = "pretrain_glip"):
+    """An examples/ script as a module (finetune_glip imports its sibling pretrain_glip)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+def common_args(root: Path, vocab: Path, config: str, **overrides) -> List[str]:
+    """pretrain_glip.py flags of a 6-step CPU run on `root/train.json`; `overrides` replace or add flags (None: a switch)."""
+    args = {
+        "--cpu": None, "--config": str(root / config), "--tokenizer": str(vocab), "--train_files": str(root / "train.json"),
+        "--image_root": str(root), "--max_steps": "6", "--num_workers": "0", "--min_sizes": ["48", "64"], "--max_size": "80",
+        "--warmup_steps": "2", "--logging_steps": "1", "--checkpointing_steps": "3", "--per_device_batch_size": "2",
+    }
+    args.update(overrides)
+    argv = []
+    for flag, value in args.items():
+        argv += [flag] + ([] if value is None else value if isinstance(value, list) else [value])
+    return argv
+
+
+def run(argv: List[str], launcher=(sys.executable,), expect_rc=0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run pretrain_glip.py; assert its return code (a negative one: killed by that signal)."""
+    result = subprocess.run([*launcher, str(SCRIPT), *argv], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == expect_rc, result.stdout[-3000:] + result.stderr[-5000:]
+    return result

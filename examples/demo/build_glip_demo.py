@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, BertTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -142,8 +143,7 @@ def export(args):
     config = GLIPConfig.from_json_file(init_folder / "glip_config.json")
     config.text_config = BertConfig.from_pretrained(init_folder / "text_encoder")
     model = GLIPModel(config)
-    ema = torch.load(Path(args.checkpoint) / "custom_checkpoint_0.pkl", weights_only=False)  # ExponentialMovingAverage
-    model.load_state_dict(ema)
+    model.load_state_dict(load_file(str(Path(args.checkpoint) / "ema.safetensors")))  # the EMA (pretrain_glip.save_checkpoint)
     model.save_pretrained(args.output)
     BertTokenizer.from_pretrained(init_folder / "text_encoder").save_pretrained(args.output)
     print(f"wrote {args.output} from the EMA weights of {args.checkpoint}")
