@@ -262,9 +262,9 @@ def configure_tuning(model: GLIPModel, mode: str, freeze: Sequence[str] = ()) ->
     return frozen_modules + [prefix for prefix in freeze if prefix not in frozen_modules]
 
 
-def check_finite_parameters(model: torch.nn.Module, where: str):
+def check_finite_parameters(model: GLIPModel, where: str):
     """Raise ValueError naming the parameters / buffers of `model` that hold NaN or inf values."""
-    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = model.non_finite_tensors()
     if bad:
         raise ValueError(f"the model {where} has non-finite values in {len(bad)} tensors: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
 

@@ -251,7 +251,7 @@ class GLIPPreTrainedModel(PreTrainedModel):
         """
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+        bad = model.non_finite_tensors()
         if bad:
             raise ValueError(
                 f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} holds NaN or infinite values in "
@@ -259,6 +259,14 @@ class GLIPPreTrainedModel(PreTrainedModel):
                 "run that wrote it diverged."
             )
         return loaded
+
+    def non_finite_tensors(self) -> List[str]:
+        """Names of the floating-point parameters / buffers that hold NaN or inf (offloaded, meta tensors skipped)."""
+        return [
+            name
+            for name, tensor in self.state_dict().items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
+        ]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # remote code: let plain AutoModel resolve the class too
