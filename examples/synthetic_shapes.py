@@ -19,7 +19,13 @@ OUTPUT/train_grounding.json          MDETR-style grounding over the same images:
                                      annotations carry `tokens_positive` [[start, end)] spans of their phrase
 OUTPUT/test_seen/..., test_seen_detection.json
 OUTPUT/test_unseen/..., test_unseen_detection.json
+OUTPUT/captions/metadata.jsonl       optional captions-only split (`--caption-images`): images with captions, boxes
+                                     withheld; an `imagefolder` (`file_name`, `caption`) for pseudo-labelling
+OUTPUT/captions_withheld_grounding.json   its withheld boxes (MDETR-style), for measuring pseudo-label quality only
 ```
+
+The captions-only split stands for web image-text pairs (GLIP's self-training data): its scenes use every
+colour-shape combination, the held-out ones included, as captions mention concepts that the box-labelled data lacks.
 
 All files use the same `categories` list (ids 1..48, every combination), so `processing.training_data.
 load_training_records` reads any of them, or the train detection + grounding files together. A caption mentions every
@@ -31,7 +37,7 @@ Everything is a pure function of the seed: scene i of a split is drawn from its 
 bytes. Usage:
 
     python examples/synthetic_shapes.py --output data/shapes [--train-images 2000] [--test-images 200]
-        [--image-size 160] [--seed 0]
+        [--caption-images 0] [--image-size 160] [--seed 0]
 """
 
 import argparse
@@ -86,6 +92,7 @@ SPLITS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "train": SEEN_COMBINATIONS,
     "test_seen": SEEN_COMBINATIONS,
     "test_unseen": UNSEEN_COMBINATIONS,
+    "captions": ALL_COMBINATIONS,  # captions-only split (boxes withheld): web image-text pairs in miniature
 }
 
 # scikit-image's bundled photos (shipped inside the package, public domain or CC0), used as background crops.
@@ -430,7 +437,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def write_split(output: Path, split: str, num_images: int, image_size: int, seed: int) -> dict:
-    """Render and save one split; write its detection json (and, for train, its grounding json). -> split summary."""
+    """Render and save one split and write its annotation files -> split summary.
+
+    `train`: detection + grounding json; test splits: detection json; `captions`: `captions/metadata.jsonl` (an
+    `imagefolder` of images and captions, no boxes) and the withheld boxes as a grounding json.
+    """
     category_list = categories()
     category_ids = {category["name"]: category["id"] for category in category_list}
     (output / split).mkdir(parents=True, exist_ok=True)
@@ -445,12 +456,18 @@ def write_split(output: Path, split: str, num_images: int, image_size: int, seed
         images.append(entry)
         for annotation in annotations:
             detection.append(_coco_annotation(len(detection) + 1, image_id, annotation, category_ids))
-        if split == "train":
+        if split in ("train", "captions"):
             caption, spans = make_caption(annotations, _generator(seed, split, index, "caption"))
             grounding_images.append({**entry, "caption": caption})
             for annotation, span in zip(annotations, spans):
                 grounding.append({**_coco_annotation(len(grounding) + 1, image_id, annotation, category_ids), "tokens_positive": [span]})
 
+    if split == "captions":
+        files = {"metadata": f"{split}/metadata.jsonl", "withheld": f"{split}_withheld_grounding.json"}
+        lines = [json.dumps({"file_name": Path(image["file_name"]).name, "caption": image["caption"]}) for image in grounding_images]
+        (output / files["metadata"]).write_text("".join(line + "\n" for line in lines))
+        _write_json(output / files["withheld"], {"images": grounding_images, "annotations": grounding, "categories": category_list})
+        return {"images": num_images, "annotations": len(detection), **files}
     files = {"detection": f"{split}_detection.json"}
     _write_json(output / files["detection"], {"images": images, "annotations": detection, "categories": category_list})
     if split == "train":
@@ -459,11 +476,16 @@ def write_split(output: Path, split: str, num_images: int, image_size: int, seed
     return {"images": num_images, "annotations": len(detection), **files}
 
 
-def generate_dataset(output, train_images: int = 2000, test_images: int = 200, image_size: int = 160, seed: int = 0) -> dict:
-    """Write the three splits and `metadata.json` under `output` (created if missing). -> the metadata."""
+def generate_dataset(
+    output, train_images: int = 2000, test_images: int = 200, image_size: int = 160, seed: int = 0, caption_images: int = 0
+) -> dict:
+    """Write the splits and `metadata.json` under `output` (created if missing); the captions-only split only when
+    `caption_images` > 0. -> the metadata."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     sizes = {"train": train_images, "test_seen": test_images, "test_unseen": test_images}
+    if caption_images:
+        sizes["captions"] = caption_images
     metadata = {
         "generator": "examples/synthetic_shapes.py",
         "seed": seed,
@@ -484,13 +506,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--output", required=True, help="folder to write the images, json files and metadata.json to")
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--test-images", type=int, default=200, help="images of each test split (test_seen, test_unseen)")
+    parser.add_argument("--caption-images", type=int, default=0, help="images of the captions-only split (boxes withheld); 0: none")
     parser.add_argument("--image-size", type=int, default=160, help="side of the square images in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if min(args.train_images, args.test_images) < 0 or args.image_size < 64:
+    if min(args.train_images, args.test_images, args.caption_images) < 0 or args.image_size < 64:
         parser.error("image counts must be >= 0 and --image-size >= 64")
     start = time.perf_counter()
-    metadata = generate_dataset(args.output, args.train_images, args.test_images, args.image_size, args.seed)
+    metadata = generate_dataset(args.output, args.train_images, args.test_images, args.image_size, args.seed, args.caption_images)
     counts = ", ".join(f"{split}: {info['images']} images / {info['annotations']} boxes" for split, info in metadata["splits"].items())
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s ({counts})")
 

@@ -6,8 +6,9 @@ The original datasets open every image with PIL and call `.convert("RGB")` befor
 section 1), so resizing in PIL is the only way to reproduce its pixels exactly (torchvision's tensor resize differs
 by up to 1 grey level). Every input is therefore normalised to an 8-bit RGB PIL image first:
 
-* files (`str` / `os.PathLike` paths) and `http(s)://` URLs are opened with PIL; a file is read whole, so that a
-  truncated or corrupt file is an error here and not later;
+* files (`str` / `os.PathLike` paths), `http(s)://` URLs and the encoded bytes of an image file (`bytes`, e.g. the
+  undecoded `{"bytes": ...}` of a `datasets.Image(decode=False)` column) are opened with PIL; a file is read whole,
+  so that a truncated or corrupt file is an error here and not later;
 * PIL images (also those just opened): the EXIF orientation tag is applied (`ImageOps.exif_transpose`, as
   transformers' `load_image` and every image viewer do), so the same JPEG is upright on every path; "RGB" is kept;
   16-bit modes ("I;16*", "I") are scaled to 8 bits (see `_to_uint8`); every other mode (grayscale "L"/"1", palette
@@ -93,9 +94,12 @@ def _pil_to_rgb(image: PIL.Image.Image, index: int, name: str = "") -> PIL.Image
     return image.convert("RGB")
 
 
-def _open(name: str, index: int, timeout: Optional[float]) -> PIL.Image.Image:
-    """A path or an http(s) URL -> the (lazily decoded) PIL image it holds, or ValueError naming it."""
-    if name.startswith(("http://", "https://")):
+def _open(name: Union[str, bytes], index: int, timeout: Optional[float]) -> PIL.Image.Image:
+    """A path, an http(s) URL or encoded image bytes -> the (lazily decoded) PIL image it holds, or ValueError naming it."""
+    if isinstance(name, bytes):
+        source = io.BytesIO(name)
+        name = f"<{len(name)} bytes>"
+    elif name.startswith(("http://", "https://")):
         import httpx  # a transformers dependency
 
         try:
@@ -129,7 +133,7 @@ def _array_to_rgb(array: np.ndarray, index: int, channels_last: bool) -> PIL.Ima
 
 
 def load_rgb_image(
-    image: Union[str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor],
+    image: Union[str, os.PathLike, bytes, PIL.Image.Image, np.ndarray, torch.Tensor],
     index: int = 0,
     input_data_format: Optional[Union[str, ChannelDimension]] = None,
     timeout: Optional[float] = None,
@@ -137,7 +141,7 @@ def load_rgb_image(
     """Load / convert one input image to an upright 8-bit RGB PIL image (see the module docstring).
 
     Args:
-        image: a file path or http(s) URL, a PIL image, a numpy array ((H, W) or (H, W, C) unless
+        image: a file path or http(s) URL, the encoded bytes of an image file, a PIL image, a numpy array ((H, W) or (H, W, C) unless
             `input_data_format` says otherwise) or a torch tensor ((H, W) or (C, H, W) unless `input_data_format`
             says otherwise).
         index: position of the image in its batch, used in error messages.
@@ -151,6 +155,8 @@ def load_rgb_image(
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
         return _pil_to_rgb(_open(name, index, timeout), index, name)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _pil_to_rgb(_open(bytes(image), index, timeout), index, f"<{len(image)} bytes>")
     if isinstance(image, PIL.Image.Image):
         return _pil_to_rgb(image, index)
     if isinstance(image, torch.Tensor):
@@ -162,7 +168,7 @@ def load_rgb_image(
         channels_last = input_data_format is None or ChannelDimension(input_data_format) == ChannelDimension.LAST
     else:
         raise TypeError(
-            f"image {index} has unsupported type {type(image).__name__}; expected a file path or URL, a PIL image, "
+            f"image {index} has unsupported type {type(image).__name__}; expected a file path or URL, encoded image bytes, a PIL image, "
             "a numpy array or a torch tensor"
         )
     return _array_to_rgb(array, index, channels_last)

@@ -66,13 +66,20 @@ def build_detection_prompt(cleaned_names: Sequence[str], separator: str = DEFAUL
     return Prompt(text=text, spans=tuple(spans))
 
 
+def phrase_occurrences(caption: str, phrase: str, ignore_case: bool = False) -> List[Tuple[int, int]]:
+    """[start, end) character spans of every whole-word occurrence of `phrase` in `caption` (not preceded or followed
+    by a letter, digit or underscore), in caption order."""
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE if ignore_case else 0)
+    return [match.span() for match in pattern.finditer(caption)]
+
+
 def _phrase_span(caption: str, phrase: str, index: int) -> Tuple[int, int]:
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError(f"phrase {index} must be a non-empty string, got {phrase!r}")
-    match = re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", caption)
-    if match is None:
+    occurrences = phrase_occurrences(caption, phrase)
+    if not occurrences:
         raise ValueError(f"phrase {index} ({phrase!r}) was not found as whole words in the caption {caption!r}")
-    return match.span()
+    return occurrences[0]
 
 
 def build_caption_prompt(

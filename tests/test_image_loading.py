@@ -63,6 +63,17 @@ def test_bad_files_are_value_errors_naming_the_file(files, name, message):
         GLIPImageProcessor()(str(files["folder"] / name))
 
 
+def test_encoded_bytes_load_like_the_file(files):
+    """`datasets.Image(decode=False)` columns hold the encoded file as bytes: same pixels, same EXIF handling."""
+    for name in ("sixteen.png", "rotated.png", "full.png"):
+        path = files["folder"] / name
+        assert np.array_equal(np.asarray(load_rgb_image(path.read_bytes())), np.asarray(load_rgb_image(path)))
+    with pytest.raises(ValueError, match="image 0 \\('<12 bytes>'\\) could not be read"):
+        load_rgb_image(b"not an image")
+    with pytest.raises(ValueError, match="image 0 \\('<300 bytes>'\\) could not be decoded"):
+        load_rgb_image((files["folder"] / "truncated.png").read_bytes())
+
+
 def test_unsupported_type_is_a_type_error():
     with pytest.raises(TypeError, match="image 0 has unsupported type int"):
         load_rgb_image(3)
