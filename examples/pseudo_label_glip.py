@@ -29,9 +29,11 @@ ignored by the loader): `{"file_name", "width", "height", "caption", "annotation
 Input (`datasets`, streamed: nothing has to fit in memory): `--format imagefolder --data_dir DIR` (images plus a
 `metadata.jsonl` / `.csv` with `file_name` and a caption column), `--format parquet|arrow --data_files ...` (an image
 column: `datasets.Image`, encoded bytes, or a path), `--format webdataset --data_files shards/*.tar` (`jpg`/`png`/...
-and `txt` members). Images of an imagefolder are referenced where they are (image root = `--data_dir`); images of
-parquet / arrow / tar sources are written once, byte for byte as stored (no re-encoding), to
-`OUTPUT/images/<unit>/<position>.<format>` (image root = OUTPUT), or with `--copy_images` for an imagefolder too.
+and `txt` members). Images of an imagefolder are referenced where they are; images of parquet / arrow / tar sources
+(or of an imagefolder with `--copy_images`) are written once, byte for byte as stored (no re-encoding), to
+`OUTPUT/images/<unit>/<position>.<format>`. Records name their image relative to `--image_root` (default: `--data_dir`
+when referenced, OUTPUT when written), the `--image_root` of `pretrain_glip.py`; give a folder above both to train the
+pseudo-labelled shards together with other data under that folder.
 
 Scale and failure. The input's `datasets` shards (files; parquet row groups after `reshard()`) are *streams*; stream
 s is cut into *units* of `--shard_size` consecutive records, `part-<s>-<k>`. Units are a function of the input and
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--noun_phrases", choices=NOUN_PHRASE_METHODS, default="auto", help="noun phrase extraction (auto: spaCy if installed, else rules)")
     data.add_argument("--spacy_model", default=DEFAULT_SPACY_MODEL, help="installed spaCy pipeline for --noun_phrases spacy / auto")
     data.add_argument("--copy_images", action="store_true", help="imagefolder: write the images into the output too")
+    data.add_argument("--image_root", help="folder the records' file_name are relative to; it must contain the images (default: --data_dir, or --output_dir for written images)")
     data.add_argument("--num_images", type=int, help="number of input images, for the ETA (default: counted for imagefolder / parquet)")
     teacher = parser.add_argument_group("teacher")
     teacher.add_argument("--teacher", help="a GLIPModel folder with its processor (save_pretrained / converted)")
@@ -171,6 +174,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--format {args.format} takes --data_files, not --data_dir")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir!r} is not a folder")
+    if args.image_root is not None:
+        images = Path(args.data_dir if args.format == "imagefolder" and not args.copy_images else args.output_dir).resolve()
+        if not images.is_relative_to(Path(args.image_root).resolve()):
+            parser.error(f"--image_root {args.image_root!r} must contain the images ({images}): records name them relative to it")
     for name, minimum in {"batch_size": 1, "shard_size": 1, "num_workers": 0, "max_boxes_per_phrase": 0, "min_boxes_per_image": 1, "num_images": 0, "min_size": 1, "max_size": 1}.items():
         value = getattr(args, name)
         if value is not None and value < minimum:
@@ -292,7 +299,7 @@ class UnitReader(TorchIterableDataset):
     """
 
     def __init__(self, dataset, num_streams: int, columns, extractor: NounPhraseExtractor, processor: GLIPProcessor, args,
-                 image_root: Optional[Path], finished: Set[str], rank: int, world_size: int):
+                 reference: bool, image_root: Path, output: Path, finished: Set[str], rank: int, world_size: int):
         self.dataset = dataset
         self.num_streams = num_streams
         self.columns = columns
@@ -300,7 +307,9 @@ class UnitReader(TorchIterableDataset):
         self.processor = processor
         self.shard_size = args.shard_size
         self.batch_size = args.batch_size
-        self.image_root = image_root  # None: images are stored in the output
+        self.reference = reference  # images referenced where they are, or stored in the output
+        self.image_root = image_root
+        self.images_folder = Path(os.path.relpath(output.resolve() / "images", image_root))  # stored images, from the root
         self.finished = finished
         self.rank = rank
         self.world_size = world_size
@@ -393,11 +402,11 @@ class UnitReader(TorchIterableDataset):
         except (ValueError, TypeError) as error:
             reason = "unusable_image_size" if "too elongated" in str(error) else "unreadable_image"
             raise SkippedImage(reason, f"image {path or ''!r}: {error}") from error
-        if self.image_root is not None and path is not None:  # referenced where it is
+        if self.reference and path is not None:  # referenced where it is
             file_name, payload = os.path.relpath(os.path.abspath(path), self.image_root), None
         else:  # stored byte for byte in the output
             payload = data if data is not None else Path(path).read_bytes()
-            file_name = f"images/{unit}/{position:06d}{stored_suffix(payload, path)}"
+            file_name = (self.images_folder / unit / f"{position:06d}{stored_suffix(payload, path)}").as_posix()
         source = record.get("__key__") or (os.path.basename(path) if path else None)
         return {
             "position": position, "image": image, "canvas": canvas, "caption": caption, "missing": len(found.missing),
@@ -553,7 +562,7 @@ def commit_unit(output: Path, end: dict, records: Dict[int, dict], payloads: Dic
         _fsync(partial)
         shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted commit of this unit
         os.replace(partial, folder)
-        files.update({records[position]["file_name"]: len(data) for position, data in sorted(payloads.items())})
+        files.update({f"images/{unit}/{Path(records[position]['file_name']).name}": len(data) for position, data in sorted(payloads.items())})
     if kill:
         os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a crash in the middle of a commit
     shard = None
@@ -715,7 +724,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     extractor = NounPhraseExtractor(args.noun_phrases, args.spacy_model)
     model, processor = load_teacher(args, accelerator.device)
     reference = args.format == "imagefolder" and not args.copy_images
-    image_root = str(Path(args.data_dir).resolve()) if reference else "."
+    root = Path(args.image_root or (args.data_dir if reference else output)).resolve()
+    image_root = "." if root == output.resolve() else str(root)
     config = run_config(args, files, columns, dataset.num_shards, extractor, processor, image_root)
     token = check_run_config(output, config, accelerator)
     finished = read_entries(output)
@@ -726,7 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     )
     total = count_images(args, dataset, columns, files) if accelerator.is_main_process else None
     progress = Progress(output, accelerator, token, total, initial=sum(entry["images"] for entry in finished.values()))
-    reader = UnitReader(dataset, dataset.num_shards, columns, extractor, processor, args, Path(image_root) if reference else None,
+    reader = UnitReader(dataset, dataset.num_shards, columns, extractor, processor, args, reference, root, output,
                         set(finished), accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(reader, batch_size=None, collate_fn=_items, num_workers=args.num_workers)
     pending: Dict[str, dict] = {}

@@ -190,12 +190,13 @@ def test_formats_give_the_same_records(inputs, tiny_glip_checkpoint, tmp_path):
     """Imagefolder (images referenced in place), webdataset tar and parquet (images stored in the output) cut the
     input into other units; with one image per forward the teacher sees the same inputs, so the records agree."""
     sources = {
-        "imagefolder": ["--data_dir", str(inputs / "imagefolder"), "--num_workers", "2"],
+        "imagefolder": ["--data_dir", str(inputs / "imagefolder"), "--num_workers", "2", "--image_root", str(inputs)],
         "webdataset": ["--data_files", str(inputs / "wds" / "*.tar"), "--num_workers", "0"],
         "parquet": ["--data_files", str(inputs / "part-*.parquet"), "--num_workers", "0"],
     }
     runs = {name: pseudo_label.main(base_args(tiny_glip_checkpoint, tmp_path / name, *argv, "--batch_size", "1")) for name, argv in sources.items()}
-    assert runs["imagefolder"]["image_root"] == str((inputs / "imagefolder").resolve())  # referenced in place
+    assert runs["imagefolder"]["image_root"] == str(inputs.resolve())  # referenced in place, relative to --image_root
+    assert all(row["file_name"].startswith("imagefolder/") for row in records(tmp_path / "imagefolder"))
     assert runs["webdataset"]["image_root"] == runs["parquet"]["image_root"] == "."  # stored in the output
     contents = {}
     for name, manifest in runs.items():
@@ -259,6 +260,7 @@ def test_rerun_with_other_settings_is_refused(inputs, reference, tiny_glip_check
         (["--dtype", "float16"], "--dtype float16 needs a GPU"),
         (["--format", "imagefolder"], "--format imagefolder takes --data_dir"),
         (["--min_boxes_per_image", "0"], "--min_boxes_per_image must be >= 1, got 0"),
+        (["--image_root", "/no-such-root"], "--image_root '/no-such-root' must contain the images"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(inputs, tiny_glip_checkpoint, tmp_path, capsys, extra, message):

@@ -214,3 +214,28 @@ def test_files_load_with_the_training_data_loader(dataset, bert_vocab_dir):
     expected = [len(record["annotations"]) for record in records]
     assert [len(label["boxes"]) for label in batch["labels"]] == expected
     assert all(bool((label["positive_map"].sum(dim=1) > 0).all()) for label in batch["labels"])
+
+
+def test_captions_only_split(tmp_path):
+    """The captions-only split: an imagefolder of images and captions (`datasets` reads it), its boxes withheld in a
+    separate grounding json, scenes drawn from every combination (held-out ones included); the other splits do not
+    change when it is added."""
+    import datasets
+
+    metadata = shapes.generate_dataset(tmp_path, train_images=2, test_images=1, caption_images=6, seed=0)
+    assert metadata["splits"]["captions"] == {
+        "images": 6, "annotations": metadata["splits"]["captions"]["annotations"],
+        "metadata": "captions/metadata.jsonl", "withheld": "captions_withheld_grounding.json",
+    }
+    folder = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "captions"), split="train")
+    withheld = _load(tmp_path, "captions_withheld_grounding.json")
+    assert folder["caption"] == [image["caption"] for image in withheld["images"]]
+    assert [image["file_name"] for image in withheld["images"]] == [f"captions/{i:06d}.png" for i in range(1, 7)]
+    assert len(withheld["annotations"]) == metadata["splits"]["captions"]["annotations"] and all(a["tokens_positive"] for a in withheld["annotations"])
+    assert not (tmp_path / "captions_detection.json").exists()
+    combinations = {(s.color, s.shape) for i in range(300) for s in shapes.scene_for(0, "captions", i).shapes}
+    assert combinations == set(shapes.ALL_COMBINATIONS)  # unseen pairs too: web captions name what gold boxes lack
+    without = tmp_path / "without"
+    shapes.generate_dataset(without, train_images=2, test_images=1, seed=0)
+    for name in ("train_detection.json", "train_grounding.json", "test_unseen_detection.json", "train/000001.png"):
+        assert (tmp_path / name).read_bytes() == (without / name).read_bytes()
