@@ -396,12 +396,16 @@ class UnitReader(TorchIterableDataset):
         except ValueError as error:
             raise SkippedImage("unusable_caption", str(error)) from error
         data, path = image_source(record.get(self.columns["image"]))
+        if data is None and path is None:
+            raise SkippedImage("unreadable_image", f"the record has no image in its {self.columns['image']!r} column")
         try:
             image = load_rgb_image(data if data is not None else path)
-            canvas = self.processor.image_processor.canvas_size(image.height, image.width)
         except (ValueError, TypeError) as error:
-            reason = "unusable_image_size" if "too elongated" in str(error) else "unreadable_image"
-            raise SkippedImage(reason, f"image {path or ''!r}: {error}") from error
+            raise SkippedImage("unreadable_image", f"image {path or ''!r}: {error}") from error
+        try:
+            canvas = self.processor.image_processor.canvas_size(image.height, image.width)
+        except ValueError as error:  # get_resize_output_size: a side would be resized to 0 pixels
+            raise SkippedImage("unusable_image_size", f"image {path or ''!r}: {error}") from error
         if self.reference and path is not None:  # referenced where it is
             file_name, payload = os.path.relpath(os.path.abspath(path), self.image_root), None
         else:  # stored byte for byte in the output

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from processing.noun_phrases import NounPhraseExtractor, group_spans, rule_noun_phrase_spans
 from processing.training_data import load_training_records
@@ -19,7 +20,7 @@ from tests.training_fixtures import ENV, REPO, draw_squares, load_script
 SCRIPT = REPO / "examples" / "pseudo_label_glip.py"
 pseudo_label = load_script("pseudo_label_glip")
 
-# (caption, image size or None for a corrupt file); shard size 3 -> units of records 0-2, 3-5, 6-7
+# (caption, (width, height), or None for a corrupt file); shard size 3 -> units of records 0-2, 3-5, 6-8
 SAMPLES = [
     ("a red square and a blue square", (64, 64)),
     ("a green square", (80, 48)),  # another canvas than the 64 x 64 images
@@ -29,8 +30,9 @@ SAMPLES = [
     ("A red square, a red square; and (a blue square).", (64, 64)),  # repeated and punctuated phrases
     ("a blue square next to a green square", (72, 64)),
     ("a red square", (64, 64)),
+    ("a red square", (1, 300)),  # too elongated to resize
 ]
-SKIPPED = {"skipped_empty_caption": 1, "skipped_no_noun_phrase": 1, "skipped_unreadable_image": 1}
+SKIPPED = {"skipped_empty_caption": 1, "skipped_no_noun_phrase": 1, "skipped_unreadable_image": 1, "skipped_unusable_image_size": 1}
 
 
 # -- noun phrases -----------------------------------------------------------------------------------------------------
@@ -105,15 +107,13 @@ def inputs(tmp_path_factory):
         if size is None:
             path.write_bytes(b"not an image")
         else:
-            draw_squares(path, [("red", 4, 4, 20), ("blue", 30, 30, 16)], size=size[0])
+            draw_squares(path, [("red", 4, 4, 20), ("blue", 30, 30, 16)], size=max(size))
             if size[0] != size[1]:  # crop to a non-square size
-                from PIL import Image
-
                 Image.open(path).crop((0, 0, size[0], size[1])).save(path)
         encoded.append(path.read_bytes())
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:03d}.png", "caption": c}) + "\n" for i, (c, _) in enumerate(SAMPLES)))
     (root / "wds").mkdir()
-    for shard, indices in enumerate((range(0, 5), range(5, 8))):
+    for shard, indices in enumerate((range(0, 5), range(5, 9))):
         with tarfile.open(root / "wds" / f"shard-{shard}.tar", "w") as tar:
             for index in indices:
                 for suffix, data in (("png", encoded[index]), ("txt", SAMPLES[index][0].encode())):
@@ -121,9 +121,16 @@ def inputs(tmp_path_factory):
                     member.size = len(data)
                     tar.addfile(member, io.BytesIO(data))
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    for part, indices in enumerate((range(0, 4), range(4, 8))):
+    for part, indices in enumerate((range(0, 4), range(4, 9))):
         rows = {"image": [{"bytes": encoded[i], "path": f"{i:03d}.png"} for i in indices], "caption": [SAMPLES[i][0] for i in indices]}
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / f"part-{part}.parquet"))
+    phrases = {  # given phrases: one not in its caption, one record whose phrases are not a list of strings
+        "image": [{"bytes": encoded[0], "path": None}] * 3,
+        "caption": ["a red square and a blue square", "a red square", "A red square"],
+        "phrases": [["blue square", "a green circle"], None, ["SQUARE"]],
+    }
+    features = datasets.Features({**features, "phrases": datasets.List(datasets.Value("string"))})
+    datasets.Dataset.from_dict(phrases, features=features).to_parquet(str(root / "phrases.parquet"))
     return root
 
 
@@ -166,9 +173,9 @@ def test_records_counts_and_manifest(reference):
     output, manifest = reference
     totals = manifest["totals"]
     assert {key: value for key, value in totals.items() if key.startswith("skipped_")} == SKIPPED  # counted, not fatal
-    assert totals["images"] == 8 and totals["records"] == 5 and manifest["complete"] and manifest["image_root"] == "."
+    assert totals["images"] == 9 and totals["records"] == 5 and manifest["complete"] and manifest["image_root"] == "."
     rows = records(output)
-    assert [row["caption"] for row in rows] == [c for c, size in SAMPLES if size and c and c != "of and the"]
+    assert [row["caption"] for row in rows] == [c for c, size in SAMPLES if size and size[0] > 1 and c and c != "of and the"]
     repeated = next(row for row in rows if row["caption"].startswith("A red square,"))
     # the repeated phrase is one entity: each of its boxes is grounded to both mentions
     assert {tuple(map(tuple, a["tokens_positive"])) for a in repeated["annotations"]} == {((0, 12), (14, 26)), ((33, 46),)}
@@ -208,10 +215,22 @@ def test_formats_give_the_same_records(inputs, tiny_glip_checkpoint, tmp_path):
     assert contents["imagefolder"] == contents["webdataset"] == contents["parquet"] and len(contents["parquet"]) == 5
 
 
+def test_phrases_from_a_column(inputs, tiny_glip_checkpoint, tmp_path):
+    manifest = pseudo_label.main(base_args(
+        tiny_glip_checkpoint, tmp_path, "--data_files", str(inputs / "phrases.parquet"), "--phrases_column", "phrases", "--num_workers", "0"
+    ))
+    totals = manifest["totals"]
+    assert totals["skipped_invalid_phrases"] == 1 and totals["phrases_not_in_caption"] == 1 and totals["records"] == 2
+    rows = records(tmp_path)
+    assert [sorted({a["phrase"] for a in row["annotations"]} | set(row["phrases_without_box"])) for row in rows] == [["blue square"], ["square"]]
+    assert rows[1]["annotations"][0]["tokens_positive"] == [[6, 12]]  # found case-insensitively, as written in the caption
+    assert all(Path(row["file_name"]).suffix == ".png" for row in rows)  # stored under the format read from the bytes
+
+
 def test_two_processes_equal_one(inputs, reference, tiny_glip_checkpoint, tmp_path):
     output = tmp_path / "ddp"
     result = launch(base_args(tiny_glip_checkpoint, output, "--data_files", str(inputs / "wds" / "*.tar"), "--num_workers", "1"), processes=2)
-    assert "images read: 8" in result.stdout
+    assert "images read: 9" in result.stdout
     assert {json.dumps(row, sort_keys=True) for row in records(output)} == {json.dumps(row, sort_keys=True) for row in records(reference[0])}
     assert output_bytes(output) == output_bytes(reference[0])  # units do not depend on the number of processes
 

