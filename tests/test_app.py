@@ -131,6 +131,12 @@ def test_core_package_does_not_import_gradio_nor_the_app():
     assert printed == [["False", "False"], ["False"]]
 
 
+def test_without_gradio_the_app_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    with pytest.raises(SystemExit, match=r'glip-app needs gradio: pip install -e "\.\[app\]"'):
+        app.build_app()
+
+
 def test_port_must_be_a_port():
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--port", "70000"])
