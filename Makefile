@@ -1,10 +1,11 @@
-# `make test` / `make demo` work on a fresh clone: they create .venv when it is missing.
+# `make test` / `make demo` / `make app` work on a fresh clone: they create .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+NO_ANALYTICS := GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: test demo venv clean
+.PHONY: test demo app venv app-venv clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +18,24 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
-test: venv
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+# the `app` extra (gradio) on top, for `make app` and the app tests (their browser test also needs Debian's chromium
+# and chromium-driver: .ci/run installs them, elsewhere that test skips)
+$(VENV)/.app-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[app]"
+	touch $@
+
+app-venv: $(VENV)/.app-installed
+
+test: app-venv
+	$(OFFLINE) $(NO_ANALYTICS) $(PY) -m pytest -q -m "not slow" tests
 
 # zero-shot detection with the bundled checkpoint (checkpoints/glip-demo) on the bundled scene; writes outputs/demo/
 demo: venv
 	$(OFFLINE) $(VENV)/bin/glip-detect examples/demo_scene.png --labels "yellow star, blue ring, green square, red triangle, purple heart, orange cross" --threshold 0.45 --output-dir outputs/demo
+
+# the web demo on http://127.0.0.1:7860 (the bundled checkpoint by default; any converted folder or, online, Hub id)
+app: app-venv
+	$(NO_ANALYTICS) $(VENV)/bin/glip-app
 
 clean:
 	rm -rf $(VENV)

@@ -26,11 +26,15 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
     ],
-    entry_points={"console_scripts": ["glip-detect=modeling_glip.cli:main"]},
+    entry_points={"console_scripts": ["glip-detect=modeling_glip.cli:main", "glip-app=modeling_glip.app:main"]},
     extras_require={
+        # the `glip-app` web page (gradio pins pillow < 13)
+        "app": ["gradio>=6.0,<7"],
         "dev": [
             "pytest>=7",
             "pytest-timeout>=2",
+            # the browser test of glip-app (tests/test_app.py) drives Debian's chromium + chromium-driver
+            "selenium>=4.20",
             # real bert-base-uncased vocab + MiniLM weights, offline (installed --no-deps by the Makefile)
             "scikit-image>=0.21",
         ],

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from modeling_glip.configuration_glip import GLIPConfig, timm_backbone_config
-from modeling_glip.modeling_glip import GLIPModel
+from modeling_glip.modeling_glip import GLIPModel, non_finite_tensors
 from processing import GLIPImageProcessor, GLIPProcessor
 from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco
 from processing.train_transforms import GLIP_FLIP_PROB, GLIP_TRAIN_MAX_SIZE, GLIP_TRAIN_MIN_SIZES, GLIPTrainTransform
@@ -262,9 +262,9 @@ def configure_tuning(model: GLIPModel, mode: str, freeze: Sequence[str] = ()) ->
     return frozen_modules + [prefix for prefix in freeze if prefix not in frozen_modules]
 
 
-def check_finite_parameters(model: GLIPModel, where: str):
+def check_finite_parameters(model: torch.nn.Module, where: str):
     """Raise ValueError naming the parameters / buffers of `model` that hold NaN or inf values."""
-    bad = model.non_finite_tensors()
+    bad = non_finite_tensors(model)
     if bad:
         raise ValueError(f"the model {where} has non-finite values in {len(bad)} tensors: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
 

@@ -14,6 +14,8 @@ Prints a table per image and writes into the output directory:
 An image that cannot be read or processed is reported on one line and skipped; both JSON files are always written
 (atomically), also when images fail or the run is interrupted. Exit status: 0, 1 when some image failed, 2 for bad
 arguments, 130 when interrupted. Works offline with a local checkpoint.
+
+The prompt, model loading, detection, annotation and report pieces are shared with `glip-app` (modeling_glip/app.py).
 """
 
 import argparse
@@ -35,7 +37,7 @@ DEFAULT_THRESHOLD = 0.3
 CONVERT_HINT = (
     "Convert the official GLIP weights first, e.g.\n"
     "  python -m modeling_glip.convert_glip_original_to_hf --checkpoint glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t\n"
-    "then pass --model glip-t."
+    "then use the folder glip-t as the model."
 )
 # 20 colours far apart from each other (one per category, cycled)
 PALETTE = (
@@ -93,21 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prompt_from_args(args: argparse.Namespace) -> dict:
-    """Processor text arguments for the chosen prompt kind; raises ValueError on an empty prompt."""
-    if args.labels is not None:
-        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-        if not labels:
-            raise ValueError("--labels is empty: give at least one class name")
-        return {"text": labels}
-    caption = args.caption.strip()
+def build_prompt(labels: Optional[str] = None, caption: Optional[str] = None, phrases: Optional[str] = None) -> dict:
+    """Processor text arguments from the user's text: `labels` ("cat, remote control") or `caption` with optional
+    `phrases` ("a cat; a couch", default: the caption split at "." and ","). Raises ValueError for an empty prompt or
+    a wrong combination; each message starts with the name of the argument at fault."""
+    if (labels is None) == (caption is None):
+        raise ValueError(f"labels or caption: give exactly one, got {'both' if labels is not None else 'neither'}")
+    if labels is not None:
+        if phrases is not None:
+            raise ValueError("phrases needs a caption (phrases are parts of a caption, not of labels)")
+        names = [label.strip() for label in labels.split(",") if label.strip()]
+        if not names:
+            raise ValueError("labels is empty: give at least one class name")
+        return {"text": names}
+    caption = caption.strip()
     if not caption:
-        raise ValueError("--caption is empty")
-    source, separators = (args.phrases, r"[;,]") if args.phrases else (caption, r"[.,]")
-    phrases = [phrase.strip() for phrase in re.split(separators, source) if phrase.strip()]
-    if not phrases:
-        raise ValueError("--phrases is empty" if args.phrases else "--caption has no phrase (it is only punctuation)")
-    return {"text": caption, "phrases": phrases}
+        raise ValueError("caption is empty")
+    source, separators = (phrases, r"[;,]") if phrases else (caption, r"[.,]")
+    names = [phrase.strip() for phrase in re.split(separators, source) if phrase.strip()]
+    if not names:
+        raise ValueError("phrases is empty" if phrases else "caption has no phrase (it is only punctuation)")
+    return {"text": caption, "phrases": names}
 
 
 def category_names(prompt: dict) -> List[str]:
@@ -116,14 +124,19 @@ def category_names(prompt: dict) -> List[str]:
 
 
 def load_model(model_path: str):
+    """(model in eval mode, processor) of a converted checkpoint folder or Hub repo id; ValueError (with how to convert
+    the official weights) when there is none."""
     import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+    if not isinstance(model_path, str) or not model_path.strip():
+        raise ValueError(f"no checkpoint folder or Hub repo id given (got {model_path!r})")
     try:
         model = AutoModelForZeroShotObjectDetection.from_pretrained(model_path).eval()
         processor = AutoProcessor.from_pretrained(model_path)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"glip-detect: cannot load a GLIP checkpoint from {model_path!r} ({str(error).splitlines()[0]}).\n{CONVERT_HINT}")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load a GLIP checkpoint from {model_path!r} ({reason}).\n{CONVERT_HINT}") from None
     return model, processor
 
 
@@ -196,6 +209,21 @@ def write_atomically(path: Path, write: Callable[[object], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def coco_results(image_id: int, detections: dict) -> List[dict]:
+    """`detect`'s output as COCO results records ({"image_id", "category_id", "bbox": [x, y, w, h], "score"}); category
+    ids are 1-based positions in the prompt (see `category_names`)."""
+    results = []
+    for label, score, box in zip(detections["labels"].tolist(), detections["scores"].tolist(), detections["boxes"].tolist()):
+        x1, y1, x2, y2 = box
+        results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    return results
+
+
+def image_record(image_id: int, file_name: str, image: Image.Image, annotated_image: str) -> dict:
+    """The "images" entry of detections_info.json for one processed image."""
+    return {"id": image_id, "file_name": file_name, "width": image.width, "height": image.height, "annotated_image": annotated_image}
+
+
 def write_reports(output_dir: Path, results: list, images: list, categories: List[str], failures: list) -> None:
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(categories)]
     info = {"images": images, "categories": categories, "failed_images": failures}
@@ -210,13 +238,14 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.phrases is not None and args.caption is None:
-        parser.error("--phrases needs --caption")
     try:
-        prompt = prompt_from_args(args)
+        prompt = build_prompt(args.labels, args.caption, args.phrases)
     except ValueError as error:
-        parser.error(str(error))
-    model, processor = load_model(args.model)
+        parser.error(f"--{error}")  # the message starts with the argument's name
+    try:
+        model, processor = load_model(args.model)
+    except ValueError as error:
+        raise SystemExit(f"glip-detect: {error}")
     try:
         processor(text=prompt["text"], phrases=prompt.get("phrases"))  # duplicates, unknown phrases, too long: before any image
     except ValueError as error:
@@ -243,12 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"glip-detect: skipped {path}: {_one_line(error)}", file=sys.stderr)
                 continue
             print_table(path, detections)
-            images.append(
-                {"id": image_id, "file_name": str(path), "width": image.width, "height": image.height, "annotated_image": png_names[image_id]}
-            )
-            for label, score, box in zip(detections["labels"].tolist(), detections["scores"].tolist(), detections["boxes"].tolist()):
-                x1, y1, x2, y2 = box
-                results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            images.append(image_record(image_id, str(path), image, png_names[image_id]))
+            results.extend(coco_results(image_id, detections))
             done += 1
     except KeyboardInterrupt:
         print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(args.images)} image(s)", file=sys.stderr)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
-from transformers.utils.import_utils import is_torchdynamo_compiling
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -67,9 +66,11 @@ def _bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, size, kernel_size, 
     y_low, x_low = y.floor(), x.floor()
     frac_y, frac_x = y - y_low, x - x_low
     corner = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
-    # corners (low, high) per axis, outside ones clamped onto the border row / column; +1 for the border
-    rows = ((y_low[..., None] + corner).clamp(-1, height) + 1).long()  # (B, Ho, Wo, K, 2)
-    cols = ((x_low[..., None] + corner).clamp(-1, width) + 1).long()
+    # corners (low, high) per axis, outside ones clamped onto the border row / column; +1 for the border. A NaN / inf
+    # offset (NaN weights or activations) must not become a garbage index: it reads the zero border, and its NaN
+    # bilinear weight carries the NaN into the output (where post-processing refuses it), without a host sync here.
+    rows = ((y_low.nan_to_num(-1.0)[..., None] + corner).clamp(-1, height) + 1).long()  # (B, Ho, Wo, K, 2)
+    cols = ((x_low.nan_to_num(-1.0)[..., None] + corner).clamp(-1, width) + 1).long()
     weight_y = torch.stack((1 - frac_y, frac_y), dim=-1) * mask.permute(0, 2, 3, 1)[..., None]
     weight_x = torch.stack((1 - frac_x, frac_x), dim=-1)
     indices = rows[..., :, None] * (width + 2) + cols[..., None, :]  # (B, Ho, Wo, K, 2, 2)
@@ -96,12 +97,6 @@ def modulated_deform_conv2d(
         raise ValueError(
             f"one offset / weight group supported: offset {tuple(offset.shape)}, mask {tuple(mask.shape)}, "
             f"weight {tuple(weight.shape)} for input {tuple(x.shape)}"
-        )
-    if not is_torchdynamo_compiling() and not bool(torch.isfinite(offset).all()):
-        # NaN / inf coordinates would become garbage tap indices (an IndexError deep in embedding_bag)
-        raise ValueError(
-            "The deformable convolution got non-finite offsets: the model's weights or activations are NaN / inf "
-            "(a damaged checkpoint, a diverged training step or a half-precision overflow)."
         )
     indices, tap_weights = _bilinear_taps(offset, mask, (height, width), (kernel_h, kernel_w), stride, padding, dilation)
     framed = (height + 2) * (width + 2)

@@ -220,6 +220,15 @@ class GLIPHead(nn.Module):
         return logits, box_regression.reshape(batch, -1, 4), centerness.reshape(batch, -1), text
 
 
+def non_finite_tensors(module: nn.Module) -> List[str]:
+    """Names of the floating-point parameters / buffers of any `module` that hold NaN or inf (meta tensors skipped)."""
+    return [
+        name
+        for name, tensor in module.state_dict().items()
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
+    ]
+
+
 class GLIPPreTrainedModel(PreTrainedModel):
     config: GLIPConfig
     base_model_prefix = "glip"
@@ -251,7 +260,7 @@ class GLIPPreTrainedModel(PreTrainedModel):
         """
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        bad = model.non_finite_tensors()
+        bad = non_finite_tensors(model)
         if bad:
             raise ValueError(
                 f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} holds NaN or infinite values in "
@@ -259,14 +268,6 @@ class GLIPPreTrainedModel(PreTrainedModel):
                 "run that wrote it diverged."
             )
         return loaded
-
-    def non_finite_tensors(self) -> List[str]:
-        """Names of the floating-point parameters / buffers that hold NaN or inf (offloaded, meta tensors skipped)."""
-        return [
-            name
-            for name, tensor in self.state_dict().items()
-            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
-        ]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # remote code: let plain AutoModel resolve the class too

@@ -92,7 +92,7 @@ def test_threshold_is_the_reported_score_cut(tiny_glip_checkpoint, images, tmp_p
         (["--labels", "cat, " + " ".join(["dog"] * 300)], "--labels: .*254"),
         (["--caption", "a cat on a couch", "--phrases", "a cat; a dog"], "--caption / --phrases: .*a dog"),
         (["--caption", "a cat on a couch", "--phrases", " ; "], "--phrases is empty"),
-        (["--labels", "cat", "--phrases", "a cat"], "--phrases needs --caption"),
+        (["--labels", "cat", "--phrases", "a cat"], "--phrases needs a caption"),
         (["--labels", "cat", "--threshold", "1.5"], r"argument --threshold: must be in \[0, 1\], got 1.5"),
         (["--labels", "cat", "--threshold", "high"], "argument --threshold: expected a number"),
         (["--labels", "cat", "--candidate-threshold", "1"], r"argument --candidate-threshold: must be in \[0, 1\)"),

@@ -132,6 +132,25 @@ def test_bundled_demo_scene_is_the_builders():
     assert np.array_equal(np.asarray(Image.open(ROOT / "examples" / "demo_scene.png").convert("RGB")), np.asarray(image))
 
 
+@pytest.mark.parametrize("name", sorted(demo.APP_SCENE_SEEDS))
+def test_bundled_app_scenes_are_the_builders(name):
+    image, _ = demo.app_scene(name)
+    assert np.array_equal(np.asarray(Image.open(ROOT / "examples" / "app" / name).convert("RGB")), np.asarray(image))
+
+
+def test_app_examples_find_what_is_in_their_scene(tmp_path):
+    """Each example of glip-app's page finds exactly the objects of its scene (by name; names absent from the scene
+    are not reported)."""
+    from modeling_glip import app
+
+    scenes = {"demo_scene.png": shapes.render_scene(demo.demo_scene_spec())[1]}
+    scenes.update({f"app/{name}": demo.app_scene(name)[1] for name in demo.APP_SCENE_SEEDS})
+    assert {row[0] for row in app.EXAMPLES} == set(scenes) and app.DEMO_LABELS == demo.demo_labels()
+    for image, *arguments in app.EXAMPLES:
+        _, rows, _, _ = app.run_detection(ROOT / "examples" / image, *arguments, model_path=str(CHECKPOINT), output_root=tmp_path)
+        assert sorted(row[0] for row in rows) == sorted(annotation["name"] for annotation in scenes[image]), (image, rows)
+
+
 def _make_demo_arguments():
     """The glip-detect arguments of the Makefile's `demo` target."""
     makefile = (ROOT / "Makefile").read_text()

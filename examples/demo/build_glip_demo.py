@@ -4,7 +4,8 @@
 
 Sub-commands around the repository's own training and evaluation scripts (`checkpoints/glip-demo/README.md` has
 the exact command lines of the three training stages): `init` (before training), `export` (a stage's checkpoint ->
-the next stage's starting model), `package` (after training), `scene` (the bundled demo image).
+the next stage's starting model), `package` (after training), `scene` (the bundled demo image), `app-scenes` (the
+`glip-app` example images).
 
     python examples/demo/build_glip_demo.py init --data data/shapes --output runs/glip-demo-init
         writes  runs/glip-demo-init/glip_config.json       the small GLIPConfig           (pretrain_glip.py --config)
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -228,6 +230,27 @@ def demo_labels() -> str:
     return ", ".join([f"{color} {shape}" for shape, color, *_ in DEMO_SCENE_SHAPES] + list(DEMO_ABSENT_LABELS))
 
 
+# The extra example images of `glip-app` (examples/app/): fresh scenes over all 48 combinations (their own generator
+# seeds, so no split of the benchmark contains them), picked because the demo checkpoint names each of their objects
+# once at the thresholds of the app's examples; "blue heart", "red diamond" and "purple square" are held-out combinations.
+APP_SCENE_SEEDS = {"fresh_scene_2.png": (20262, 2), "fresh_scene_13.png": (20262, 13)}
+
+
+def app_scene(name: str):
+    """(image, annotations) of the glip-app example `name` (a key of `APP_SCENE_SEEDS`)."""
+    shapes = synthetic_shapes()
+    return shapes.render_scene(shapes.sample_scene(np.random.default_rng(list(APP_SCENE_SEEDS[name])), shapes.ALL_COMBINATIONS))
+
+
+def app_scenes(args):
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in APP_SCENE_SEEDS:
+        image, annotations = app_scene(name)
+        image.save(output / name, format="PNG")
+        print(f"wrote {output / name}: {[annotation['name'] for annotation in annotations]}")
+
+
 def scene(args):
     image, annotations = synthetic_shapes().render_scene(demo_scene_spec())
     image.save(args.output, format="PNG")
@@ -256,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None):
     scene_parser = commands.add_parser("scene", help="render the bundled demo scene")
     scene_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "demo_scene.png"))
     scene_parser.set_defaults(run=scene)
+    app_parser = commands.add_parser("app-scenes", help="render the extra example images of glip-app")
+    app_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "app"))
+    app_parser.set_defaults(run=app_scenes)
     args = parser.parse_args(argv)
     args.run(args)
 
