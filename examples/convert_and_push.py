@@ -35,7 +35,7 @@ from modeling_glip import GLIPModel  # noqa: E402
 from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 from modeling_glip.convert_glip_original_to_hf import convert, convert_original_state_dict, load_original_checkpoint  # noqa: E402
 from processing import GLIPProcessor  # noqa: E402
-from push_to_hub import upload  # noqa: E402
+from push_to_hub import upload, usage_section  # noqa: E402
 
 ORIGINAL_HUB_REPO = "GLIPModel/GLIP"
 FIXTURE_LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -138,16 +138,7 @@ GLIP (Grounded Language-Image Pre-training, Li et al., CVPR 2022) converted from
   architecture) to <= 1e-5; this conversion's fixture check: {report["fixture_max_abs_diff"]}.
 * Smoke detection on a photo with the prompt "cat. remote control. couch. person" (best five): {report["smoke"]}.
 
-## Usage
-```python
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-model = AutoModelForZeroShotObjectDetection.from_pretrained("{repo_id}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-inputs = processor(images=[image], text=["cat", "remote control"])
-outputs = model(**inputs)
-detections = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)])
-```
-"""
+{usage_section(repo_id, ["cat", "remote control"])}"""
     return ModelCard(text)
 
 

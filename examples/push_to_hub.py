@@ -59,19 +59,24 @@ def model_card(repo_id: str, processor, metrics: Optional[dict]) -> ModelCard:
 A GLIP (Grounded Language-Image Pre-training) zero-shot detector. Its processor resizes images to a short side of
 {image_processor.min_size} px (long side at most {image_processor.max_size} px), the resolution it was trained for.
 {scores}
-## Usage
+{usage_section(repo_id, ["red triangle", "blue ring"])}"""
+    return ModelCard(text)
+
+
+def usage_section(repo_id: str, labels: Sequence[str]) -> str:
+    """The model cards' "Usage" section: remote-code loading and one detection with `labels`."""
+    return f"""## Usage
 
 ```python
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 model = AutoModelForZeroShotObjectDetection.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-inputs = processor(images=[image], text=["red triangle", "blue ring"])
+inputs = processor(images=[image], text={list(labels)!r})
 outputs = model(**inputs)
 detections = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)])
 ```
 """
-    return ModelCard(text)
 
 
 def upload(folder: Path, repo_id: str, private: bool = False, dry_run: bool = False, api: Optional[HfApi] = None, message: str = "Upload GLIP") -> List[str]:
