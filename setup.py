@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["modeling_glip", "processing"],
+    # the bundled demo checkpoint (`glip-detect`'s default model) is installed as package data: modeling_glip/glip_demo
+    packages=["modeling_glip", "processing", "modeling_glip.glip_demo"],
+    package_dir={"modeling_glip.glip_demo": "checkpoints/glip-demo"},
+    package_data={"modeling_glip.glip_demo": ["*.json", "*.safetensors", "*.md"]},
     python_requires=">=3.10",
     # Lower bounds only (see ../shared/docs/environment.md): install torch/torchvision first.
     install_requires=[

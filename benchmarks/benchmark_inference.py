@@ -6,9 +6,9 @@ the speedup over the original GLIP is  original ratio / (our median / calibratio
 `../shared/benchmarks/original_timing.json`: 22.8 for the 80 COCO names, 25.7 for 3 names, batch 1, fp32).
 
     python benchmarks/benchmark_inference.py                       # every case (CPU: ~10 min on 2 cores)
-    python benchmarks/benchmark_inference.py --prompts three coco80 --batch-sizes 1 --runs 3   # the speedup cases
-    python benchmarks/benchmark_inference.py --prompts three --batch-sizes 1 --runs 1 --warmup 0 --no-calibration
-    python benchmarks/benchmark_inference.py --fixed-vocab-images 10 --prompts coco80 lvis     # text encoded once
+    python benchmarks/benchmark_inference.py --prompts three coco80 --batch_sizes 1 --runs 3   # the speedup cases
+    python benchmarks/benchmark_inference.py --prompts three --batch_sizes 1 --runs 1 --warmup 0 --no_calibration
+    python benchmarks/benchmark_inference.py --fixed_vocab_images 10 --prompts coco80 lvis     # text encoded once
 
 Cases: prompts `three` ("cat. remote control. couch"), `coco80` (the 80 COCO names, 194 tokens), `lvis` (1203 LVIS-length
 names, split by GLIPProcessor into <=256-token chunks that run as one batch per image); batch sizes; dtypes (fp32 on
@@ -33,6 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 sys.path.insert(0, str(REPO))
+
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 
 THREE_NAMES = ["cat", "remote control", "couch"]
 COCO_NAMES = [
@@ -158,7 +160,7 @@ def run_case(args):
             outputs = model(**model_inputs(inputs))
             timer.sync()
             middle = time.perf_counter()
-            detections = processor.post_process_grounded_object_detection(outputs, inputs, threshold=args.threshold)
+            detections = processor.post_process_grounded_object_detection(outputs, inputs, candidate_threshold=args.candidate_threshold)
         timer.sync()
         end = time.perf_counter()
         return end - start, end - middle, sum(len(d["scores"]) for d in detections)
@@ -209,7 +211,7 @@ def run_case(args):
 
 
 def run_fixed_vocabulary(args):
-    """Encode the label set once (one text pass per chunk), then detect on `--fixed-vocab-images` images."""
+    """Encode the label set once (one text pass per chunk), then detect on `--fixed_vocab_images` images."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     model, processor = build(device, dtype)
@@ -235,7 +237,7 @@ def run_fixed_vocabulary(args):
                 "text_labels": vocabulary["text_labels"] * len(batch_images),
             }
             outputs = model(**model_inputs(inputs), text_encoder_hidden_state=text_features[chunk])
-            detections = processor.post_process_grounded_object_detection(outputs, inputs, threshold=args.threshold)
+            detections = processor.post_process_grounded_object_detection(outputs, inputs, candidate_threshold=args.candidate_threshold)
             num_detections += sum(len(d["scores"]) for d in detections)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -289,18 +291,18 @@ def print_tables(results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", nargs="+", default=["three", "coco80", "lvis"], choices=["three", "coco80", "lvis"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser = GLIPArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", nargs="+", default=["three", "coco80", "lvis"], choices=["three", "coco80", "lvis"], help="prompt cases")
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4], help="images per forward")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 on CPU; float32 bfloat16 float16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per case (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-calibration", dest="calibration", action="store_false", help="skip the interleaved calibration (CPU)")
-    parser.add_argument("--lvis-runs", type=int, default=1, help="timed runs of the (long) lvis cases")
-    parser.add_argument("--fixed-vocab-images", type=int, default=0, help="also time N images with each label set encoded once")
-    parser.add_argument("--threshold", type=float, default=0.05, help="post-processing candidate threshold (INFERENCE_TH)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--no_calibration", dest="calibration", action="store_false", help="skip the interleaved calibration (CPU)")
+    parser.add_argument("--lvis_runs", type=int, default=1, help="timed runs of the (long) lvis cases")
+    parser.add_argument("--fixed_vocab_images", type=int, default=0, help="also time N images with each label set encoded once")
+    parser.add_argument("--candidate_threshold", type=float, default=0.05, help="post-processing candidate threshold (INFERENCE_TH)")
     parser.add_argument("--json", type=Path, help="write all results to this file")
     parser.add_argument("--case", choices=["model", "fixed"], help=argparse.SUPPRESS)  # internal: run one case here
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
@@ -321,8 +323,8 @@ def main():
                 jobs.append(["--case", "model", "--prompt", prompt, "--batch", str(batch), "--dtype", dtype, "--runs", str(runs)])
             if args.fixed_vocab_images:
                 jobs.append(["--case", "fixed", "--prompt", prompt, "--batch", str(args.batch_sizes[0]), "--dtype", dtype])
-    common = ["--device", args.device, "--threads", str(args.threads), "--warmup", str(args.warmup), "--threshold", str(args.threshold)]
-    common += ["--fixed-vocab-images", str(args.fixed_vocab_images)] + ([] if args.calibration else ["--no-calibration"])
+    common = ["--device", args.device, "--threads", str(args.threads), "--warmup", str(args.warmup), "--candidate_threshold", str(args.candidate_threshold)]
+    common += ["--fixed_vocab_images", str(args.fixed_vocab_images)] + ([] if args.calibration else ["--no_calibration"])
     results = []
     for job in jobs:  # one process per case, one after the other
         print("running", " ".join(job), file=sys.stderr, flush=True)

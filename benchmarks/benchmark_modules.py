@@ -7,7 +7,6 @@ Each line times one module the original way (the literal per-head attention of t
 torchvision's deformable conv kernel) against this repository's implementation, with the max abs difference.
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from torchvision.ops import deform_conv2d
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 from modeling_glip.configuration_glip import GLIPConfig  # noqa: E402
 from modeling_glip.dyconv import DyConv, modulated_deform_conv2d  # noqa: E402
 from modeling_glip.vl_fusion import BiMultiHeadAttention  # noqa: E402
@@ -112,10 +112,10 @@ def bench_dyconv(runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["attention", "deformable_conv", "dyconv"])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = GLIPArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=["attention", "deformable_conv", "dyconv"], help="one benchmark (default: all)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per case")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name, bench in (("attention", bench_attention), ("deformable_conv", bench_deformable_conv), ("dyconv", bench_dyconv)):

@@ -1,9 +1,9 @@
 """Convert an official GLIP checkpoint, verify the conversion, write a model card and push it to the Hub.
 
     # local file
-    python examples/convert_and_push.py --checkpoint glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t --repo-id org/glip-t
+    python examples/convert_and_push.py --checkpoint glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t --repo_id org/glip-t
     # or a file of the Hub repo GLIPModel/GLIP (needs the network)
-    python examples/convert_and_push.py --hub-file glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t --repo-id org/glip-t
+    python examples/convert_and_push.py --hub_file glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t --repo_id org/glip-t
 
 Verification before anything is pushed:
 1. the saved checkpoint reloads with no missing / unexpected keys and every converted tensor bitwise equal;
@@ -13,9 +13,11 @@ Verification before anything is pushed:
 4. with `--fixture DIR` (a folder with `tiny_glip_fixture.safetensors`, the golden fixture produced by the original
    code; not part of this repository, the tests read it from GLIP_REFERENCE_DIR), the converted tiny model's head
    outputs are compared with the original's (max abs diff reported, must be <= 1e-4).
+
+Without --repo_id (or with --dry_run) nothing is pushed. Flags use underscores; the dashed spellings (`--repo-id`,
+`--config-yaml`, ...) are accepted too.
 """
 
-import argparse
 import hashlib
 import json
 import sys
@@ -27,10 +29,13 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from transformers import BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling push_to_hub.py
 
 from modeling_glip import GLIPModel  # noqa: E402
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 from modeling_glip.convert_glip_original_to_hf import convert, convert_original_state_dict, load_original_checkpoint  # noqa: E402
 from processing import GLIPProcessor  # noqa: E402
+from push_to_hub import upload, usage_section  # noqa: E402
 
 ORIGINAL_HUB_REPO = "GLIPModel/GLIP"
 FIXTURE_LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -124,7 +129,7 @@ GLIP (Grounded Language-Image Pre-training, Li et al., CVPR 2022) converted from
   https://huggingface.co/{ORIGINAL_HUB_REPO}. Licence: MIT, as the original release.
 * **Architecture:** Swin ({report["backbone"]}) + FPN P3-P7, BERT ({report["text"]}), {report["fusion_layers"]} VLDyHead
   fusion layers, ATSS head; {report["parameters"]:,} parameters.
-* **Conversion:** `python examples/convert_and_push.py --checkpoint {source.name} --output <dir> --repo-id {repo_id}`.
+* **Conversion:** `python examples/convert_and_push.py --checkpoint {source.name} --output <dir> --repo_id {repo_id}`.
 
 ## How it was verified
 * {report["tensors"]} converted tensors reload bitwise and carry all of the original's weights (only recomputed
@@ -133,37 +138,23 @@ GLIP (Grounded Language-Image Pre-training, Li et al., CVPR 2022) converted from
   architecture) to <= 1e-5; this conversion's fixture check: {report["fixture_max_abs_diff"]}.
 * Smoke detection on a photo with the prompt "cat. remote control. couch. person" (best five): {report["smoke"]}.
 
-## Usage
-```python
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-model = AutoModelForZeroShotObjectDetection.from_pretrained("{repo_id}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
-inputs = processor(images=[image], text=["cat", "remote control"])
-outputs = model(**inputs)
-detections = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)])
-```
-"""
+{usage_section(repo_id, ["cat", "remote control"])}"""
     return ModelCard(text)
 
 
-def push(output_dir: Path, repo_id: str, private: bool, api: Optional[HfApi] = None) -> None:
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, commit_message="Upload GLIP converted from the official checkpoint")
-
-
 def main(argv=None, api: Optional[HfApi] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = GLIPArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="local original checkpoint (.pth or .safetensors)")
-    source.add_argument("--hub-file", help=f"file name in the Hub repo {ORIGINAL_HUB_REPO}")
+    source.add_argument("--hub_file", help=f"file name in the Hub repo {ORIGINAL_HUB_REPO}")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--repo-id", help="Hub repo to push to (omit to only convert and verify)")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--config-yaml", help="original YAML config (default: inferred from key shapes)")
-    parser.add_argument("--text-config", help="BertConfig json when the text model is not bert-base-uncased")
+    parser.add_argument("--repo_id", help="Hub repo to push to (omit to only convert and verify)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--dry_run", action="store_true", help="convert, verify and write the card, then list what would be pushed; push nothing")
+    parser.add_argument("--config_yaml", help="original YAML config (default: inferred from key shapes)")
+    parser.add_argument("--text_config", help="BertConfig json when the text model is not bert-base-uncased")
     parser.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer repo id or folder")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true", help="fully unpickle a trusted .pth that weights_only refuses")
+    parser.add_argument("--allow_unsafe_pickle", action="store_true", help="fully unpickle a trusted .pth that weights_only refuses")
     parser.add_argument("--fixture", help="folder of the original's golden fixture (tiny model only)")
     args = parser.parse_args(argv)
 
@@ -195,8 +186,7 @@ def main(argv=None, api: Optional[HfApi] = None) -> dict:
     model_card(checkpoint, sha256(checkpoint), report, args.repo_id or "<repo>").save(output / "README.md")
     print(json.dumps(report, indent=1))
     if args.repo_id:
-        push(output, args.repo_id, args.private, api)
-        print(f"pushed {output} to {args.repo_id}")
+        upload(output, args.repo_id, args.private, args.dry_run, api, "Upload GLIP converted from the official checkpoint")
     return report
 
 

@@ -7,56 +7,96 @@
         --images flickr30k/ --task grounding
 
 Large vocabularies (LVIS) are split into prompt chunks (`--names_per_chunk 40` as the original's LVIS command line;
-chunks are also bounded by the 256-token prompt limit). Prints the metrics as JSON and writes them with --output.
+chunks are also bounded by the 256-token prompt limit). The images are resized as the checkpoint's saved processor
+says (the resolution the model was trained for; printed at start) unless --min_size / --max_size are given. Prints the
+metrics as a table and as JSON, and writes the JSON with --output.
+
+`--threshold` was the candidate threshold in earlier versions: it is still accepted as `--candidate_threshold`, with a
+deprecation note. There is no final-score cut: COCO mAP ranks every detection (a cut only lowers recall).
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import evaluate
 import torch
-from transformers import BertTokenizer
 
+from modeling_glip.command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor
 from modeling_glip.modeling_glip import GLIPModel
-from processing import GLIPImageProcessor, GLIPProcessor
+from processing import post_processing_limits
 from processing.image_conversion import load_rgb_image
-from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco, predict_grounding
+from processing.evaluation import coco_references, load_coco_evaluation_set, metrics_table, predict_coco, predict_grounding
 from processing.training_data import coco_json_to_records
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="GLIPModel folder (save_pretrained / converted checkpoint)")
-    parser.add_argument("--tokenizer", help="BERT tokenizer folder (default: --model)")
+class _DeprecatedThreshold(argparse.Action):
+    """`--threshold` of earlier versions: stored as --candidate_threshold, with a note."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        print(f"{parser.prog}: --threshold is deprecated: it is the candidate threshold; use --candidate_threshold {value}", file=sys.stderr)
+        namespace.candidate_threshold = value
+
+
+def build_parser() -> GLIPArgumentParser:
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="GLIPModel folder (save_pretrained / converted checkpoint) or Hub repo id")
+    parser.add_argument("--tokenizer", help="BERT tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--annotations", required=True, help="COCO-format json (detection) or MDETR-style json (grounding)")
-    parser.add_argument("--images", help="image folder the json's file_name are relative to")
-    parser.add_argument("--task", choices=("detection", "grounding"), default="detection")
-    parser.add_argument("--min_size", type=int, default=800)
-    parser.add_argument("--max_size", type=int, default=1333)
-    parser.add_argument("--names_per_chunk", type=int, help="class names per prompt chunk (TEST.CHUNKED_EVALUATION)")
-    parser.add_argument("--threshold", type=float, default=0.05, help="candidate score threshold (INFERENCE_TH)")
-    parser.add_argument("--max_detections", type=int, default=100, help="detections per prompt chunk (DETECTIONS_PER_IMG)")
+    parser.add_argument("--images", help="image folder the json's file_name are relative to (default: the current directory)")
+    parser.add_argument("--task", choices=("detection", "grounding"), default="detection", help="COCO mAP or grounding recall@k")
+    parser.add_argument("--min_size", type=int, help="resize: short side (default: the checkpoint processor's)")
+    parser.add_argument("--max_size", type=int, help="resize: long-side cap (default: the checkpoint processor's)")
+    parser.add_argument("--names_per_chunk", type=int, help="class names per prompt chunk (TEST.CHUNKED_EVALUATION; default: as many as fit)")
+    parser.add_argument("--candidate_threshold", type=float, help="candidate threshold on the label probability (INFERENCE_TH; default: the model config's)")
+    parser.add_argument("--threshold", type=float, action=_DeprecatedThreshold, dest="candidate_threshold", help="deprecated spelling of --candidate_threshold")
+    parser.add_argument("--max_detections", type=int, help="detections per prompt chunk (DETECTIONS_PER_IMG; default: the model config's)")
     parser.add_argument("--max_images", type=int, help="evaluate the first N images only")
     parser.add_argument("--merge_boxes", action="store_true", help="grounding: 'merged' ground truth instead of 'separate'")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--output", help="write the metrics JSON here")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[GLIPArgumentParser] = None) -> argparse.Namespace:
+    """The checked flags: sizes and limits in range, --model / --tokenizer existing folders or reachable repo ids."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    for name in ("min_size", "max_size", "names_per_chunk", "max_detections", "max_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.candidate_threshold is not None and not 0 <= args.candidate_threshold < 1:
+        parser.error(f"--candidate_threshold must be in [0, 1), got {args.candidate_threshold}")
+    try:
+        args.model = checked_model_path(args.model, "--model")
+        args.tokenizer = args.tokenizer and checked_model_path(args.tokenizer, "--tokenizer")
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    try:
+        processor, summary = load_processor(args.model, args.tokenizer, args.min_size, args.max_size)
+    except ResolutionError as error:
+        parser.error(str(error))
     model = GLIPModel.from_pretrained(args.model).to(args.device).eval()
-    tokenizer = BertTokenizer.from_pretrained(args.tokenizer or args.model)
-    processor = GLIPProcessor(GLIPImageProcessor(min_size=args.min_size, max_size=args.max_size), tokenizer, max_text_len=model.config.max_text_len)
+    limits = post_processing_limits(model.config, candidate_threshold=args.candidate_threshold, max_detections=args.max_detections)
+    print(f"model: {args.model}; {summary}; candidate_threshold {limits['candidate_threshold']}, max_detections {limits['max_detections']}")
 
     if args.task == "detection":
         records, categories = load_coco_evaluation_set(args.annotations)
         records = records[: args.max_images]
-        predictions = predict_coco(model, processor, records, categories, args.images, args.names_per_chunk, args.threshold, args.max_detections)
+        predictions = predict_coco(
+            model, processor, records, categories, args.images, args.names_per_chunk, limits["candidate_threshold"], limits["max_detections"]
+        )
         metric = evaluate.load(str(METRICS / "coco_detection" / "coco_detection.py"))
         results = metric.compute(predictions=predictions, references=coco_references(records))
     else:
@@ -75,11 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 continue
             spans = sorted(phrase_boxes)
             path = Path(args.images) / record["file_name"] if args.images else Path(record["file_name"])
-            ranked = predict_grounding(model, processor, load_rgb_image(path), record["caption"], spans, max_detections=args.max_detections)
+            ranked = predict_grounding(model, processor, load_rgb_image(path), record["caption"], spans, max_detections=limits["max_detections"])
             predictions += [{"boxes": boxes} for boxes in ranked]
             references += [{"boxes": phrase_boxes[span]} for span in spans]
         metric = evaluate.load(str(METRICS / "grounding_recall" / "grounding_recall.py"))
         results = metric.compute(predictions=predictions, references=references, merge_boxes=args.merge_boxes)
+    print(metrics_table([(Path(args.annotations).name, results)], "annotations"))
     print(json.dumps(results, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))

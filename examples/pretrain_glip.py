@@ -28,7 +28,20 @@ unpickled beyond `torch.load(weights_only=True)`: the model and the EMA are safe
 
 Training stops with an error, before the optimizer step, at the first non-finite loss or gradient norm (all processes
 agree; `--skip_nonfinite_steps` skips and counts such steps instead), and when an epoch gives no optimizer step at all
-(e.g. every sample skipped: the error shows the skip counts by reason).
+(e.g. every sample skipped: the error shows the skip counts by reason). `--checkpoints_total_limit N` keeps the newest
+N complete checkpoints (and always the one the run resumed from).
+
+Resolution and the saved processor: a new model trains at GLIP's multi-scale 480-800 / 1333; a run that starts from a
+checkpoint (`--model_name_or_path`) trains at the checkpoint's resolution (its processor's min_size as the largest of
+GLIP's five scales, x0.6 .. x1.0, and its max_size) and with its processor's image settings and tokenizer. The model
+is meant to run at the test size of its training resolution (the original's pairing: MIN_SIZE_TEST = the largest
+training size, MAX_SIZE_TEST = MAX_SIZE_TRAIN): evaluation during training and the processor saved with the model use
+max(--min_sizes) / --max_size unless --eval_min_size / --eval_max_size say otherwise.
+
+Processes: the run logs its world size, device, mixed precision and effective batch size at start, and refuses to
+run as one process when `accelerate launch` was asked for several (`accelerate launch --cpu --num_processes 2` starts
+ONE process; several CPU processes: `accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision
+no --dynamo_backend no examples/pretrain_glip.py --cpu ...`).
 """
 
 import argparse
@@ -43,7 +56,7 @@ import sys
 from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -56,10 +69,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from modeling_glip.command_line import GLIPArgumentParser, checked_model_path, load_processor, resized
 from modeling_glip.configuration_glip import GLIPConfig, timm_backbone_config
 from modeling_glip.modeling_glip import GLIPModel, non_finite_tensors
 from processing import GLIPImageProcessor, GLIPProcessor
-from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco
+from processing.evaluation import coco_references, load_coco_evaluation_set, metrics_table, predict_coco
 from processing.train_transforms import GLIP_FLIP_PROB, GLIP_TRAIN_MAX_SIZE, GLIP_TRAIN_MIN_SIZES, GLIPTrainTransform
 from processing.training_data import (
     GLIP_RANDOM_SAMPLE_NEG,
@@ -82,6 +96,13 @@ TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 PARTIAL_SUFFIX = ".incomplete"
+DELETING_SUFFIX = ".deleting"  # a rotated-out checkpoint between its rename and its removal
+# the variables a launcher sets to the number of processes it started (torchrun / MPI), read by Accelerate
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+CPU_LAUNCH_RECIPE = (
+    "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no "
+    "examples/pretrain_glip.py --cpu ..."
+)
 # samples of a usable batch dropped because another process's batch was empty (all processes skip that step)
 DROPPED_WITH_EMPTY_PEER_BATCH = "dropped_with_empty_peer_batch"
 # skipped non-finite steps logged one by one per epoch (then every 100th); every one is counted and tracked
@@ -98,8 +119,8 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
             `aliases`: extra option strings, listed first (e.g. finetune's `--train_annotations` for `--train_files`).
     """
     overrides = overrides or {}
-    # no abbreviations: `--learning` must not silently mean `--learning_rate`
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    # no abbreviations (`--learning` must not silently mean `--learning_rate`), defaults in --help, `--a-b` read as `--a_b`
+    parser = GLIPArgumentParser(description=description)
 
     def add(group, *flags, **kwargs):
         dest = kwargs.pop("dest", flags[0].lstrip("-"))
@@ -123,8 +144,8 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(data, "--max_negatives", type=int, default=GLIP_RANDOM_SAMPLE_NEG, help="sampled negative classes per prompt; -1: every class")
     add(data, "--shuffle_classes", dest="shuffle_classes", action="store_true", default=True, help="shuffle the classes of detection prompts")
     add(data, "--no_shuffle_classes", dest="shuffle_classes", action="store_false", default=True, help="keep class-id order in detection prompts")
-    add(data, "--min_sizes", type=int, nargs="+", default=list(GLIP_TRAIN_MIN_SIZES), help="short sides of the multi-scale training resize (AUGMENT.MULT_MIN_SIZE_TRAIN)")
-    add(data, "--max_size", type=int, default=GLIP_TRAIN_MAX_SIZE, help="cap on the long side (INPUT.MAX_SIZE_TRAIN)")
+    add(data, "--min_sizes", type=int, nargs="+", help=f"short sides of the multi-scale training resize (AUGMENT.MULT_MIN_SIZE_TRAIN; default: {' '.join(map(str, GLIP_TRAIN_MIN_SIZES))}, or x0.6 .. x1.0 of the --model_name_or_path processor's min_size)")
+    add(data, "--max_size", type=int, help=f"cap on the long side (INPUT.MAX_SIZE_TRAIN; default: {GLIP_TRAIN_MAX_SIZE}, or the --model_name_or_path processor's max_size)")
     add(data, "--flip_prob", type=float, default=GLIP_FLIP_PROB, help="horizontal flip probability")
     add(data, "--per_device_batch_size", type=int, default=2, help="images per process and step")
     add(data, "--num_workers", type=int, default=2, help="data-loading worker processes per process")
@@ -150,6 +171,7 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(run, "--cpu", action="store_true", help="train on CPU (also with several processes: gloo)")
     add(run, "--find_unused_parameters", action="store_true", help="DDP find_unused_parameters")
     add(run, "--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: only at the end)")
+    add(run, "--checkpoints_total_limit", type=int, help="keep only the newest N complete checkpoints (and the one resumed from); default: keep all")
     add(run, "--resume_from_checkpoint", help="a checkpoint folder, or 'latest': the newest complete one in output_dir")
     add(run, "--allow_inexact_resume", action="store_true", help="resume from a checkpoint without (readable) RNG states or EMA, or saved by another number of processes")
     add(run, "--logging_steps", type=int, default=10, help="log mean losses and skip counts every N steps")
@@ -157,8 +179,8 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(run, "--eval_annotations", help="COCO json of a detection validation set")
     add(run, "--eval_image_root", help="folder of the validation images")
     add(run, "--eval_steps", type=int, default=0, help="evaluate every N steps (and at the end) when --eval_annotations is set")
-    add(run, "--eval_min_size", type=int, default=800, help="evaluation resize: short side")
-    add(run, "--eval_max_size", type=int, default=1333, help="evaluation resize: long-side cap")
+    add(run, "--eval_min_size", type=int, help="resize of the evaluation and of the processor saved with the model: short side (default: the largest of --min_sizes)")
+    add(run, "--eval_max_size", type=int, help="resize of the evaluation and of the saved processor: long-side cap (default: --max_size)")
     add(run, "--eval_names_per_chunk", type=int, help="class names per prompt chunk at evaluation")
     add(run, "--kill_after_steps", type=int, help="testing aid: hard-exit (os._exit, no cleanup) after this many steps")
     add(run, "--kill_during_save", type=int, help="testing aid: SIGKILL while the checkpoint of this step is being written")
@@ -174,13 +196,20 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     at_least = {
         "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "num_epochs": 1, "logging_steps": 1, "max_size": 1,
         "num_workers": 0, "checkpointing_steps": 0, "warmup_steps": 0, "eval_steps": 0, "max_steps": 1,
+        "checkpoints_total_limit": 1, "eval_min_size": 1, "eval_max_size": 1,
     }
     for name, minimum in at_least.items():
         value = getattr(args, name)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum}, got {value}")
-    if min(args.min_sizes) < 1:
+    if args.min_sizes is not None and min(args.min_sizes) < 1:
         parser.error(f"--min_sizes must be positive, got {args.min_sizes}")
+    try:
+        for name in ("model_name_or_path", "tokenizer", "text_encoder"):
+            if getattr(args, name) is not None:
+                setattr(args, name, checked_model_path(getattr(args, name), f"--{name}"))
+    except ValueError as error:
+        parser.error(str(error))
     for name in ("learning_rate", "text_learning_rate", "weight_decay", "bias_lr_factor", "max_grad_norm", "warmup_factor", "lr_gamma", "ema_decay"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -227,12 +256,37 @@ def build_model(args) -> GLIPModel:
     return model
 
 
-def build_processor(args) -> GLIPProcessor:
-    source = args.tokenizer or args.model_name_or_path or args.text_encoder
-    if source is None:
-        raise ValueError("no tokenizer: give --tokenizer (a folder with the bert-base-uncased vocab.txt)")
-    tokenizer = BertTokenizer.from_pretrained(source)
-    return GLIPProcessor(GLIPImageProcessor(min_size=args.eval_min_size, max_size=args.eval_max_size), tokenizer)
+def build_processor(args) -> Tuple[GLIPProcessor, str]:
+    """The run's processor, and one line that describes the run's resolution.
+
+    Fills in the training resolution that was not given (`args.min_sizes`, `args.max_size`): GLIP's for a new model,
+    the --model_name_or_path processor's for a run that starts from a checkpoint (its min_size as the largest of
+    GLIP's five scales). The returned processor (the checkpoint's image settings and tokenizer, or GLIP's defaults
+    and --tokenizer / --text_encoder's) resizes to the run's test size: --eval_min_size / --eval_max_size, by default
+    max(--min_sizes) / --max_size. It is the processor of the evaluations and the one saved with the model.
+    """
+    if args.model_name_or_path is not None:
+        processor, origin = load_processor(args.model_name_or_path, args.tokenizer)
+        origin = f"{args.model_name_or_path}, {origin}"
+        start = processor.image_processor
+        scale = start.min_size / GLIP_TRAIN_MIN_SIZES[-1]
+        default_sizes, default_max = sorted({max(1, round(size * scale)) for size in GLIP_TRAIN_MIN_SIZES}), start.max_size
+    else:
+        source = args.tokenizer or args.text_encoder
+        if source is None:
+            raise ValueError("no tokenizer: give --tokenizer (a folder with the bert-base-uncased vocab.txt)")
+        processor = GLIPProcessor(GLIPImageProcessor(), BertTokenizer.from_pretrained(source))
+        origin = f"a new model with GLIP's image settings and the tokenizer of {source}"
+        default_sizes, default_max = list(GLIP_TRAIN_MIN_SIZES), GLIP_TRAIN_MAX_SIZE
+    args.min_sizes = args.min_sizes or default_sizes
+    args.max_size = args.max_size or default_max
+    test_size = {"min_size": args.eval_min_size or max(args.min_sizes), "max_size": args.eval_max_size or args.max_size}
+    processor.image_processor = resized(processor.image_processor, **test_size)
+    summary = (
+        f"training resolution: short side {' '.join(map(str, args.min_sizes))}, long side <= {args.max_size}; evaluation and the "
+        f"saved processor: min_size {test_size['min_size']}, max_size {test_size['max_size']}. Start: {origin}"
+    )
+    return processor, summary
 
 
 def configure_tuning(model: GLIPModel, mode: str, freeze: Sequence[str] = ()) -> List[str]:
@@ -385,6 +439,16 @@ def build_train_loader(args, processor: GLIPProcessor, num_processes: int):
     return dataset, loader, categories
 
 
+def log_evaluation(accelerator: Accelerator, model: GLIPModel, processor: GLIPProcessor, args, step: int, history: List[Tuple[int, dict]]):
+    """Evaluate (`evaluate_detection`), log the metrics to the trackers as `eval_<name>` and, on the main process,
+    print every evaluation of the run so far as a table (one row per step)."""
+    results = evaluate_detection(accelerator, model, processor, args)  # {} on the other processes
+    accelerator.log({f"eval_{name}": value for name, value in results.items()}, step=step)
+    history.append((step, results))  # on every process, so that all of them know which steps were evaluated
+    if accelerator.is_main_process:
+        tqdm.write(f"\nevaluation on {args.eval_annotations} (min_size {processor.image_processor.min_size}, max_size {processor.image_processor.max_size}):\n{metrics_table(history)}\n")
+
+
 def evaluate_detection(accelerator: Accelerator, model: GLIPModel, processor: GLIPProcessor, args) -> Dict[str, float]:
     """COCO mAP of `model` on --eval_annotations; images are split over processes and gathered."""
     import evaluate
@@ -465,13 +529,42 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, ema: Optional[ExponentialMovingAverage], kill_during_save: Optional[int] = None) -> Path:
+def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None) -> List[Path]:
+    """Delete the complete checkpoints of `output_dir` older than its newest `limit` ones, except `keep` (the checkpoint
+    the run resumed from); returns them. Each is first renamed to `checkpoint-N.deleting`, which `latest_checkpoint`
+    never takes, then removed, so a crash in between never leaves a half-deleted folder that looks like a checkpoint;
+    such leftovers are removed here too. Incomplete checkpoints are neither counted nor deleted."""
+    complete = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir() and checkpoint_problem(path) is None:
+            complete.append((int(match.group(1)), path))
+    rotated = [path for _, path in sorted(complete)[:-limit] if keep is None or path.resolve() != keep.resolve()]
+    for path in rotated:
+        os.replace(path, path.with_name(path.name + DELETING_SUFFIX))
+    _fsync(output_dir)
+    for leftover in output_dir.glob(f"checkpoint-*{DELETING_SUFFIX}"):
+        shutil.rmtree(leftover)
+    return rotated
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: dict,
+    ema: Optional[ExponentialMovingAverage],
+    kill_during_save: Optional[int] = None,
+    total_limit: Optional[int] = None,
+    keep: Optional[Path] = None,
+) -> Path:
     """Write `output_dir/checkpoint-<global_step>` atomically (every process must call it).
 
     Accelerate's state (model safetensors, optimizer, scheduler, RNG states) and the EMA (safetensors) go to
     `checkpoint-N.incomplete`; then the main process writes `trainer_state.json` (`state` plus the list of files and
     their sizes), flushes every file and the folder to disk and renames the folder to `checkpoint-N`. A crash at any
-    point leaves either the previous checkpoints and an `.incomplete` folder, or the finished checkpoint.
+    point leaves either the previous checkpoints and an `.incomplete` folder, or the finished checkpoint. With a
+    `total_limit`, the older checkpoints beyond it (not `keep`) are then deleted (`rotate_checkpoints`), only once the
+    new one is complete.
     """
     final = output_dir / f"checkpoint-{state['global_step']}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -497,6 +590,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, ema
         os.replace(partial, final)
         _fsync(output_dir)
         shutil.rmtree(replaced, ignore_errors=True)
+        if total_limit is not None:
+            for path in rotate_checkpoints(output_dir, total_limit, keep):
+                logger.info(f"deleted {path} (--checkpoints_total_limit {total_limit})")
     accelerator.wait_for_everyone()
     return final
 
@@ -592,6 +688,38 @@ def no_progress_error(epoch: int, progress: Counter, skipped: Counter, global_ba
     )
 
 
+def launcher_problem(num_processes: int, environ: Mapping[str, str]) -> Optional[str]:
+    """Why this run has another number of processes than its launcher asked for, or None.
+
+    A launcher that starts several processes tells each one how many (`WORLD_SIZE`, MPI's `PMI_SIZE`, ...). `accelerate
+    launch --cpu --num_processes N` (without `--multi_gpu` or an MPI hostfile) starts ONE plain process: the only
+    trace of the requested N > 1 is the `MASTER_ADDR` / `MASTER_PORT` pair it sets for N > 1 (its
+    `ACCELERATE_MIXED_PRECISION` shows the process came from `accelerate launch`).
+    """
+    for name in WORLD_SIZE_VARIABLES:
+        if environ.get(name, "").isdigit() and int(environ[name]) != num_processes:
+            return f"the launcher started {environ[name]} processes ({name}), Accelerate runs {num_processes}"
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in environ
+    if launched_by_accelerate and num_processes == 1 and "MASTER_PORT" in environ and not any(name in environ for name in WORLD_SIZE_VARIABLES):
+        return (
+            "`accelerate launch` was asked for more than one process (it set MASTER_ADDR / MASTER_PORT) but started only this "
+            "one: `accelerate launch --cpu --num_processes N` runs ONE process. Several CPU processes: "
+            f"`{CPU_LAUNCH_RECIPE}`; one process: drop --num_processes (if MASTER_ADDR / MASTER_PORT come from your own "
+            "environment, unset them)"
+        )
+    return None
+
+
+def run_summary(accelerator: Accelerator, args: argparse.Namespace) -> str:
+    """World size, device, mixed precision and the effective batch size of the run (logged at start)."""
+    effective = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    return (
+        f"world size {accelerator.num_processes}{'' if accelerator.num_processes == 1 else f' ({accelerator.distributed_type.value})'}, device {accelerator.device}, mixed precision "
+        f"{accelerator.mixed_precision}, effective batch size {effective} = {args.per_device_batch_size} per device x "
+        f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation step(s)"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None):
     train(parse_args(argv))
 
@@ -613,9 +741,14 @@ def train(args: argparse.Namespace):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    problem = launcher_problem(accelerator.num_processes, os.environ)
+    if problem:
+        raise ValueError(problem)
+    logger.info(run_summary(accelerator, args))
     set_seed(args.seed)
 
-    processor = build_processor(args)
+    processor, resolution = build_processor(args)
+    logger.info(resolution)
     model = build_model(args)
     check_finite_parameters(model, "to train")
     frozen_modules = configure_tuning(model, args.tuning, args.freeze)
@@ -639,6 +772,7 @@ def train(args: argparse.Namespace):
     ema = ExponentialMovingAverage(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay > 0 else None
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": {}, "nonfinite_steps_skipped": 0}
+    checkpoint = None  # the one resumed from: never rotated out
     if args.resume_from_checkpoint:
         checkpoint = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
         if checkpoint is None:
@@ -650,9 +784,12 @@ def train(args: argparse.Namespace):
 
     def checkpoint_now():
         totals = global_counts(accelerator, skipped)
-        save_checkpoint(accelerator, output_dir, {**state, "skipped": dict(totals)}, ema, args.kill_during_save)
+        save_checkpoint(accelerator, output_dir, {**state, "skipped": dict(totals)}, ema, args.kill_during_save, args.checkpoints_total_limit, checkpoint)
 
-    accelerator.init_trackers("glip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))})
+    run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
+    run_config.update(num_processes=accelerator.num_processes, effective_batch_size=global_batch * args.gradient_accumulation_steps)
+    accelerator.init_trackers("glip", config=run_config)
+    evaluations: List[Tuple[int, dict]] = []  # (step, metrics) of the run's evaluations, printed as a table
     progress = tqdm(total=max_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process, desc="train")
     set_train_mode(model, frozen_modules)
     running: Counter = Counter()  # loss sums of the applied steps since the last log
@@ -725,7 +862,7 @@ def train(args: argparse.Namespace):
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 running.clear()
             if args.eval_annotations and args.eval_steps and step % args.eval_steps == 0:
-                accelerator.log({f"eval_{k}": v for k, v in evaluate_detection(accelerator, accelerator.unwrap_model(model), processor, args).items()}, step=step)
+                log_evaluation(accelerator, accelerator.unwrap_model(model), processor, args, step, evaluations)
                 set_train_mode(model, frozen_modules)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint_now()
@@ -752,10 +889,13 @@ def train(args: argparse.Namespace):
         weights = torch.cat([p.detach().float().flatten() for p in unwrapped.parameters()])
         spread = (accelerator.gather(weights[None]) - weights).abs().max()
         accelerator.log({"final_rank_weight_max_diff": spread.item()}, step=state["global_step"])
-    if args.eval_annotations:
-        accelerator.log({f"eval_{k}": v for k, v in evaluate_detection(accelerator, unwrapped, processor, args).items()}, step=state["global_step"])
+    if args.eval_annotations and not (evaluations and evaluations[-1][0] == state["global_step"]):
+        log_evaluation(accelerator, unwrapped, processor, args, state["global_step"], evaluations)
     totals = global_counts(accelerator, skipped)
     if accelerator.is_main_process:
+        # the test transform the saved model is meant to run with (also in its processor)
+        unwrapped.config.min_size_test = processor.image_processor.min_size
+        unwrapped.config.max_size_test = processor.image_processor.max_size
         unwrapped.save_pretrained(output_dir / "model")
         processor.save_pretrained(output_dir / "model")
         if ema is not None:

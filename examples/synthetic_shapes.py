@@ -36,14 +36,14 @@ Everything is a pure function of the seed: scene i of a split is drawn from its 
 (`scene_for(seed, split, i)`), and `render_scene(spec)` is a pure function of the spec, so two runs write identical
 bytes. Usage:
 
-    python examples/synthetic_shapes.py --output data/shapes [--train-images 2000] [--test-images 200]
-        [--caption-images 0] [--image-size 160] [--seed 0]
+    python examples/synthetic_shapes.py --output data/shapes [--train_images 2000] [--test_images 200]
+        [--caption_images 0] [--image_size 160] [--seed 0]
 """
 
-import argparse
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,16 +502,22 @@ def generate_dataset(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+    from modeling_glip.command_line import GLIPArgumentParser  # here: importing this module needs neither torch nor transformers
+
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the images, json files and metadata.json to")
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--test-images", type=int, default=200, help="images of each test split (test_seen, test_unseen)")
-    parser.add_argument("--caption-images", type=int, default=0, help="images of the captions-only split (boxes withheld); 0: none")
-    parser.add_argument("--image-size", type=int, default=160, help="side of the square images in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_images", type=int, default=2000, help="images of the train split")
+    parser.add_argument("--test_images", type=int, default=200, help="images of each test split (test_seen, test_unseen)")
+    parser.add_argument("--caption_images", type=int, default=0, help="images of the captions-only split (boxes withheld); 0: none")
+    parser.add_argument("--image_size", type=int, default=160, help="side of the square images in pixels (>= 64)")
+    parser.add_argument("--seed", type=int, default=0, help="every image is a function of the seed, the split and its index")
     args = parser.parse_args(argv)
     if min(args.train_images, args.test_images, args.caption_images) < 0 or args.image_size < 64:
-        parser.error("image counts must be >= 0 and --image-size >= 64")
+        parser.error(
+            f"image counts must be >= 0 and --image_size >= 64, got --train_images {args.train_images}, --test_images "
+            f"{args.test_images}, --caption_images {args.caption_images}, --image_size {args.image_size}"
+        )
     start = time.perf_counter()
     metadata = generate_dataset(args.output, args.train_images, args.test_images, args.image_size, args.seed, args.caption_images)
     counts = ", ".join(f"{split}: {info['images']} images / {info['annotations']} boxes" for split, info in metadata["splits"].items())

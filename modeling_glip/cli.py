@@ -1,7 +1,11 @@
 """`glip-detect`: zero-shot detection on image files from the command line.
 
     glip-detect IMAGE [IMAGE ...] (--labels "cat, remote control" | --caption "a cat on a couch" [--phrases "a cat; a couch"])
-                [--model DIR_OR_REPO] [--threshold 0.3] [--candidate-threshold T] [--top-k N] [--output-dir detections]
+                [--model DIR_OR_REPO] [--threshold 0.3] [--candidate_threshold T] [--top_k N] [--output_dir detections]
+                [--min_size S] [--max_size L]
+
+The image resize is the checkpoint's (its saved processor; printed at start) unless --min_size / --max_size are given.
+Flags use underscores; the dashed spellings (`--output-dir`, `--top-k`, `--candidate-threshold`) are accepted too.
 
 Prints a table per image and writes into the output directory:
 
@@ -9,7 +13,8 @@ Prints a table per image and writes into the output directory:
 * `detections_info.json`: the run as a COCO dataset without annotations ("images", "categories": ids follow the order
   of --labels / --phrases) plus "failed_images", so that
   `COCO("detections_info.json").loadRes("detections.json")` (pycocotools) loads the results;
-* an annotated PNG per image (`<stem>_detections.png`, numbered when two inputs share a stem).
+* an annotated PNG per image (`<stem>_detections.png`, numbered when two inputs share a stem); an image whose short
+  side is under 480 px is drawn enlarged to 480 px (boxes scaled with it), so that its labels stay legible.
 
 An image that cannot be read or processed is reported on one line and skipped; both JSON files are always written
 (atomically), also when images fail or the run is interrupted. Exit status: 0, 1 when some image failed, 2 for bad
@@ -32,8 +37,14 @@ from tqdm.auto import tqdm
 
 from processing import load_rgb_image, post_processing_limits
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "glip-demo"
+from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor
+
+# the bundled demo checkpoint: the repository's checkpoints/glip-demo (source checkout, `pip install -e .`), or the copy
+# that `pip install .` installs as package data (setup.py maps it to modeling_glip/glip_demo)
+DEMO_CHECKPOINTS = (Path(__file__).resolve().parent.parent / "checkpoints" / "glip-demo", Path(__file__).resolve().parent / "glip_demo")
 DEFAULT_THRESHOLD = 0.3
+# images whose short side is smaller are annotated on an enlarged copy, so that the label tags stay legible
+MIN_ANNOTATED_SIDE = 480
 CONVERT_HINT = (
     "Convert the official GLIP weights first, e.g.\n"
     "  python -m modeling_glip.convert_glip_original_to_hf --checkpoint glip_tiny_model_o365_goldg_cc_sbu.pth --output glip-t\n"
@@ -69,8 +80,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def default_model() -> Path:
+    """The bundled demo checkpoint's folder (the first of `DEMO_CHECKPOINTS` that exists, else the first)."""
+    return next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), DEMO_CHECKPOINTS[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glip-detect", description="GLIP zero-shot object detection on image files.")
+    parser = GLIPArgumentParser(prog="glip-detect", description="GLIP zero-shot object detection on image files.")
     parser.add_argument("images", nargs="+", help="image files")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--labels", help='comma-separated class names, e.g. "cat, remote control"')
@@ -78,20 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--phrases", help='phrases of --caption to detect, separated by ";" or "," (default: the caption split at "." and ",")'
     )
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory or Hub repo id (default: the bundled demo checkpoint)")
+    parser.add_argument("--model", default=str(default_model()), help="checkpoint directory or Hub repo id (default: the bundled demo checkpoint)")
+    parser.add_argument("--threshold", type=_fraction(True), default=DEFAULT_THRESHOLD, help="report detections whose score is >= this")
     parser.add_argument(
-        "--threshold",
-        type=_fraction(True),
-        default=DEFAULT_THRESHOLD,
-        help=f"report detections whose score is >= this (default {DEFAULT_THRESHOLD})",
-    )
-    parser.add_argument(
-        "--candidate-threshold",
+        "--candidate_threshold",
         type=_fraction(False),
         help="GLIP's candidate threshold on the label probability before centerness (INFERENCE_TH; default: the model config's)",
     )
-    parser.add_argument("--top-k", type=_positive_int, default=None, help="keep at most this many detections per image")
-    parser.add_argument("--output-dir", default="detections", help="where detections.json, detections_info.json and the annotated PNGs go")
+    parser.add_argument("--top_k", type=_positive_int, default=None, help="keep at most this many detections per image")
+    parser.add_argument("--output_dir", default="detections", help="where detections.json, detections_info.json and the annotated PNGs go")
+    parser.add_argument("--min_size", type=_positive_int, help="resize the short side to this (default: the checkpoint processor's)")
+    parser.add_argument("--max_size", type=_positive_int, help="cap on the resized long side (default: the checkpoint processor's)")
     return parser
 
 
@@ -123,20 +136,24 @@ def category_names(prompt: dict) -> List[str]:
     return list(prompt["phrases"] if "phrases" in prompt else prompt["text"])
 
 
-def load_model(model_path: str):
-    """(model in eval mode, processor) of a converted checkpoint folder or Hub repo id; ValueError (with how to convert
-    the official weights) when there is none."""
+def load_model(model_path: str, min_size: Optional[int] = None, max_size: Optional[int] = None):
+    """-> (model in eval mode, its processor with the given resize overrides); prints the processor settings used.
+    ValueError (with how to convert the official weights) when the checkpoint cannot be loaded; `ResolutionError` (a
+    ValueError) for overrides that the checkpoint's processor cannot take."""
     import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
-    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+    from transformers import AutoModelForZeroShotObjectDetection
 
     if not isinstance(model_path, str) or not model_path.strip():
         raise ValueError(f"no checkpoint folder or Hub repo id given (got {model_path!r})")
     try:
         model = AutoModelForZeroShotObjectDetection.from_pretrained(model_path).eval()
-        processor = AutoProcessor.from_pretrained(model_path)
+        processor, summary = load_processor(model_path, min_size=min_size, max_size=max_size)
+    except ResolutionError:  # --min_size / --max_size: an argument error for the caller to report
+        raise
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load a GLIP checkpoint from {model_path!r} ({reason}).\n{CONVERT_HINT}") from None
+    print(f"model: {model_path}; {summary}")
     return model, processor
 
 
@@ -158,8 +175,12 @@ def _text_colour(colour: str) -> str:
 
 def annotate(image: Image.Image, detections: dict) -> Image.Image:
     """Boxes and "name score" tags drawn on a copy of `image`: one colour per category, a filled tag behind the text,
-    line width and font scaled to the image, tags kept inside the frame. The best detection is drawn last (on top)."""
-    canvas = image.copy()
+    line width and font scaled to the image, tags kept inside the frame. The best detection is drawn last (on top).
+
+    An image whose short side is under `MIN_ANNOTATED_SIDE` is drawn on a copy enlarged to that short side (boxes
+    scaled with it), so that the tags of a small image stay legible; the returned image then has that size."""
+    scale = max(1.0, MIN_ANNOTATED_SIDE / min(image.size))
+    canvas = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS) if scale > 1 else image.copy()
     draw = ImageDraw.Draw(canvas)
     short_side = min(canvas.size)
     line_width = max(1, round(short_side / 250))
@@ -167,6 +188,7 @@ def annotate(image: Image.Image, detections: dict) -> Image.Image:
     padding = max(1, line_width)
     drawn = zip(detections["labels"].tolist(), detections["text_labels"], detections["scores"].tolist(), detections["boxes"].tolist())
     for label, name, score, box in reversed(list(drawn)):
+        box = [coordinate * scale for coordinate in box]
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=colour, width=line_width)
         text = f"{name} {score:.2f}"
@@ -243,7 +265,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:
         parser.error(f"--{error}")  # the message starts with the argument's name
     try:
-        model, processor = load_model(args.model)
+        model_path = checked_model_path(args.model, "--model")
+    except ValueError as error:
+        if args.model == str(default_model()):  # an installed package without its data, or a moved checkout
+            error = ValueError(f"{error}. The bundled demo checkpoint is missing: pass --model with a checkpoint folder (e.g. checkpoints/glip-demo of the glip-hf repository)")
+        parser.error(str(error))
+    try:
+        model, processor = load_model(model_path, args.min_size, args.max_size)
+    except ResolutionError as error:
+        parser.error(str(error))
     except ValueError as error:
         raise SystemExit(f"glip-detect: {error}")
     try:
@@ -255,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        parser.error(f"--output-dir {output_dir}: {_one_line(error)}")
+        parser.error(f"--output_dir {output_dir}: {_one_line(error)}")
 
     categories = category_names(prompt)
     results, images, failures = [], [], []

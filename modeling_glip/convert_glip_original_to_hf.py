@@ -2,20 +2,20 @@
 
 Usage:
     python -m modeling_glip.convert_glip_original_to_hf --checkpoint glip_tiny_model_o365_goldg.pth --output glip-t \\
-        [--config-yaml glip_Swin_T_O365_GoldG.yaml] [--push-to-hub org/name]
+        [--config_yaml glip_Swin_T_O365_GoldG.yaml] [--push_to_hub org/name]
 
 (the checkpoint and the YAML configs are those released in the microsoft/GLIP repository)
 
 The checkpoint is the original's `.pth` (loaded with torch.load(weights_only=True); a file that needs full unpickling
-is refused unless --allow-unsafe-pickle is given for a trusted file) or a `.safetensors` copy of its state dict.
+is refused unless --allow_unsafe_pickle is given for a trusted file) or a `.safetensors` copy of its state dict.
 Every original key is either mapped or explicitly dropped (recomputed buffers); anything else is an error, and so is a
-missing key. Without --config-yaml the architecture is inferred from the key shapes. The output folder is written
+missing key. Without --config_yaml the architecture is inferred from the key shapes. The output folder is written
 completely or not at all: it must not exist, be empty, or hold an earlier conversion (which is replaced). See the
 README section "Converting the official weights"; the key mapping is `_rename` in
-modeling_glip/convert_glip_original_to_hf.py, tested in tests/test_converter.py.
+modeling_glip/convert_glip_original_to_hf.py, tested in tests/test_converter.py. Flags use underscores; the dashed
+spellings (`--config-yaml`, ...) are accepted too.
 """
 
-import argparse
 import json
 import os
 import re
@@ -31,6 +31,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import BertConfig
 
 from .anchor_generator import cell_anchors_per_level
+from .command_line import GLIPArgumentParser
 from .configuration_glip import GLIPConfig, swin_backbone_config
 
 # Original keys that are recomputed, not loaded.
@@ -202,7 +203,7 @@ def _require_keys(state_dict: Dict[str, torch.Tensor], keys: List[str]) -> None:
     if missing:
         raise ValueError(
             f"Cannot infer the architecture: the checkpoint lacks {missing}. It is an incomplete or non-GLIP checkpoint "
-            "(--config-yaml reads the architecture from the original YAML instead, but every weight must still be present)."
+            "(--config_yaml reads the architecture from the original YAML instead, but every weight must still be present)."
         )
 
 
@@ -411,7 +412,7 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool):
         if refused and not allow_unsafe_pickle:
             raise ValueError(
                 f"{path} is a PyTorch checkpoint that also pickles Python objects ({refused[1]}), which "
-                "torch.load(weights_only=True) refuses to run. Only if you trust the file, pass --allow-unsafe-pickle "
+                "torch.load(weights_only=True) refuses to run. Only if you trust the file, pass --allow_unsafe_pickle "
                 "(allow_unsafe_pickle=True) to unpickle it fully."
             ) from error
         raise ValueError(
@@ -530,7 +531,7 @@ def convert(
         raise ValueError(
             f"The checkpoint does not fill the GLIPModel its config describes: {len(result.missing_keys)} weights missing "
             f"{result.missing_keys[:20]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:20]} (an "
-            "incomplete checkpoint, or a --config-yaml of another architecture)"
+            "incomplete checkpoint, or a --config_yaml of another architecture)"
         )
     model.eval()
     processor = build_processor(config, tokenizer)
@@ -542,19 +543,19 @@ def convert(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = GLIPArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="original .pth or .safetensors checkpoint")
     parser.add_argument("--output", required=True, help="output directory for the HF checkpoint")
-    parser.add_argument("--config-yaml", help="original YAML config (stock or merged dump); inferred from key shapes if omitted")
-    parser.add_argument("--text-config", help="BertConfig json (or folder with config.json) when the text model is not bert-base-uncased")
+    parser.add_argument("--config_yaml", help="original YAML config (stock or merged dump); inferred from key shapes if omitted")
+    parser.add_argument("--text_config", help="BertConfig json (or folder with config.json) when the text model is not bert-base-uncased")
     parser.add_argument("--tokenizer", default="bert-base-uncased", help="BERT tokenizer (repo id or folder with the bert-base-uncased vocab)")
-    parser.add_argument("--allow-unsafe-pickle", action="store_true", help="fully unpickle a .pth that weights_only refuses (trusted files only)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also push the converted model to this Hub repo")
+    parser.add_argument("--allow_unsafe_pickle", action="store_true", help="fully unpickle a .pth that weights_only refuses (trusted files only)")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="also push the converted model to this Hub repo")
     args = parser.parse_args(argv)
     try:
         text_config = BertConfig.from_pretrained(args.text_config) if args.text_config else None
     except (OSError, ValueError) as error:
-        parser.error(f"--text-config {args.text_config}: {' '.join(str(error).split())}")
+        parser.error(f"--text_config {args.text_config}: {' '.join(str(error).split())}")
     try:
         convert(args.checkpoint, args.output, args.config_yaml, text_config, args.allow_unsafe_pickle, args.push_to_hub, args.tokenizer)
     except (ValueError, FileNotFoundError) as error:

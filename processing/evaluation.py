@@ -7,7 +7,7 @@ by its `post_process_grounded_object_detection`, as the original's TEST.CHUNKED_
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -44,6 +44,18 @@ def coco_references(records: Sequence[dict]) -> List[dict]:
             }
         )
     return references
+
+
+def metrics_table(rows: Sequence[Tuple[str, Mapping[str, float]]], key: str = "step") -> str:
+    """Evaluation results as a text table: one row per (label, metrics) pair (e.g. one per evaluation step), one
+    column per metric name (in first-seen order), numbers with 3 decimals (-1: no ground truth for that metric)."""
+    names: List[str] = []
+    for _, metrics in rows:
+        names += [name for name in metrics if name not in names]
+    cells = [[key, *names]] + [[str(label), *(f"{metrics[name]:.3f}" if name in metrics else "" for name in names)] for label, metrics in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
+    lines = ["  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
 def legacy_xyxy_to_coco(boxes: torch.Tensor) -> torch.Tensor:

@@ -29,15 +29,17 @@ def images(tmp_path):
 
 
 def run(arguments, checkpoint, output):
-    return main([*arguments, "--model", str(checkpoint), "--output-dir", str(output)])
+    return main([*arguments, "--model", str(checkpoint), "--output_dir", str(output)])
 
 
 def test_detects_writes_coco_results_info_and_png_and_reports_unreadable_images(tiny_glip_checkpoint, images, tmp_path, capsys):
     good, bad = images
     output = tmp_path / "out"
-    code = run([str(good), str(bad), "--labels", "cat, remote control", "--threshold", "0", "--top-k", "3"], tiny_glip_checkpoint, output)
+    code = run([str(good), str(bad), "--labels", "cat, remote control", "--threshold", "0", "--top_k", "3"], tiny_glip_checkpoint, output)
     captured = capsys.readouterr()
     assert code == 1  # one image failed, the other was still processed
+    # the settings it ran with: the checkpoint's processor (64 / 96 px), printed first
+    assert captured.out.startswith(f"model: {tiny_glip_checkpoint}; processor: min_size 64, max_size 96, size_divisibility 32")
     assert f"skipped {bad}" in captured.err and len([line for line in captured.err.splitlines() if str(bad) in line]) == 1
     assert f"{good}: 3 detection(s)" in captured.out and "score" in captured.out
     results = json.loads((output / "detections.json").read_text())
@@ -49,7 +51,7 @@ def test_detects_writes_coco_results_info_and_png_and_reports_unreadable_images(
     # a pycocotools results file: loadRes against the info file (a COCO dataset without annotations)
     loaded = COCO(str(output / "detections_info.json")).loadRes(str(output / "detections.json"))
     assert len(loaded.getAnnIds()) == 3 and all(ann["bbox"][2] >= 0 for ann in loaded.anns.values())
-    assert Image.open(output / "scene_detections.png").size == (90, 60)
+    assert Image.open(output / "scene_detections.png").size == (720, 480)  # drawn enlarged: short side 480
 
 
 def test_category_ids_follow_the_labels_not_the_detections(tiny_glip_checkpoint, images, tmp_path, capsys):
@@ -95,8 +97,11 @@ def test_threshold_is_the_reported_score_cut(tiny_glip_checkpoint, images, tmp_p
         (["--labels", "cat", "--phrases", "a cat"], "--phrases needs a caption"),
         (["--labels", "cat", "--threshold", "1.5"], r"argument --threshold: must be in \[0, 1\], got 1.5"),
         (["--labels", "cat", "--threshold", "high"], "argument --threshold: expected a number"),
-        (["--labels", "cat", "--candidate-threshold", "1"], r"argument --candidate-threshold: must be in \[0, 1\)"),
-        (["--labels", "cat", "--top-k", "0"], "argument --top-k: must be >= 1"),
+        (["--labels", "cat", "--candidate_threshold", "1"], r"argument --candidate_threshold: must be in \[0, 1\)"),
+        (["--labels", "cat", "--candidate-threshold", "1"], r"argument --candidate_threshold: must be in \[0, 1\)"),  # dashed spelling
+        (["--labels", "cat", "--top_k", "0"], "argument --top_k: must be >= 1"),
+        (["--labels", "cat", "--min_size", "0"], "argument --min_size: must be >= 1"),
+        (["--labels", "cat", "--min_size", "200"], r"--min_size 200: max_size must be .* the processor's min_size 64, max_size 96"),  # checkpoint's 96
     ],
 )
 def test_argument_errors_are_one_line_with_exit_status_2(images, arguments, message, tiny_glip_checkpoint, tmp_path, capsys):
@@ -109,10 +114,57 @@ def test_argument_errors_are_one_line_with_exit_status_2(images, arguments, mess
     assert not (tmp_path / "out" / "detections.json").exists()  # nothing was run
 
 
-def test_missing_checkpoint_says_how_to_convert(images):
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("/no/such/checkpoint", r"--model /no/such/checkpoint: no such folder \(/no/such/checkpoint does not exist\)$"),
+        # a relative path is also a valid repo id: it must not end in a Hub error about the repo id or the network
+        ("runs/no-such-run", r"--model runs/no-such-run: no such folder \(/.*/runs/no-such-run does not exist\), and the Hub repo 'runs/no-such-run' is not in the local cache \(HF_HUB_OFFLINE=1\)$"),
+    ],
+)
+def test_a_missing_model_path_is_named(images, model, message, capsys, monkeypatch):
+    good, _ = images
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(good), "--labels", "cat", "--model", model])
+    assert exit_info.value.code == 2
+    (error_line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glip-detect: error:")]
+    assert re.search(message, error_line), error_line
+
+
+def test_a_folder_that_is_not_a_checkpoint_says_how_to_convert(images, tmp_path):
     good, _ = images
     with pytest.raises(SystemExit, match="Convert the official GLIP weights"):
-        main([str(good), "--labels", "cat", "--model", "/no/such/checkpoint"])
+        main([str(good), "--labels", "cat", "--model", str(tmp_path)])
+
+
+def test_dashed_and_underscored_flags_are_the_same_flags(tiny_glip_checkpoint, images, tmp_path, capsys):
+    good, _ = images
+    for spelling in (["--top-k", "2", "--output-dir"], ["--top_k", "2", "--output_dir"], ["--top-k=2", "--output-dir"]):
+        output = tmp_path / "-".join(spelling)
+        assert main([str(good), "--labels", "cat", "--threshold", "0", "--model", str(tiny_glip_checkpoint), *spelling, str(output)]) == 0
+        assert len(json.loads((output / "detections.json").read_text())) == 2
+
+
+def test_resolution_flags_override_the_checkpoint_processor(tiny_glip_checkpoint, images, tmp_path, capsys, monkeypatch):
+    good, _ = images
+    seen = []
+    real_detect = cli.detect
+    monkeypatch.setattr(cli, "detect", lambda model, processor, *rest: seen.append(processor.image_processor.min_size) or real_detect(model, processor, *rest))
+    run([str(good), "--labels", "cat", "--min_size", "32"], tiny_glip_checkpoint, tmp_path)
+    printed = capsys.readouterr().out
+    assert seen == [32] and "processor: min_size 32, max_size 96" in printed and "given: --min_size 32" in printed
+
+
+def test_the_default_model_is_the_bundled_checkpoint_of_a_checkout_or_of_the_installed_package(monkeypatch, tmp_path):
+    checkout, installed = tmp_path / "checkout", tmp_path / "installed"
+    monkeypatch.setattr(cli, "DEMO_CHECKPOINTS", (checkout, installed))
+    installed.mkdir()
+    (installed / "config.json").write_text("{}")
+    assert cli.default_model() == installed  # pip install . (package data)
+    checkout.mkdir()
+    (checkout / "config.json").write_text("{}")
+    assert cli.default_model() == checkout  # a source checkout / editable install
 
 
 def test_bad_images_are_skipped_and_same_named_inputs_do_not_overwrite(tiny_glip_checkpoint, tmp_path, capsys):
@@ -155,28 +207,32 @@ def test_interrupt_still_writes_the_finished_images(tiny_glip_checkpoint, tmp_pa
     assert sorted(p.name for p in output.iterdir()) == ["detections.json", "detections_info.json", "img0_detections.png"]  # no temp files
 
 
-@pytest.mark.parametrize("size, min_tag_height, max_tag_height", [((40, 40), 5, 20), ((1200, 3000), 25, 60)])
-def test_annotation_is_legible_at_any_size(size, min_tag_height, max_tag_height):
-    """One colour per category, a filled tag behind the text, the font scaled to the image and the tag of a box at the
-    right edge moved left to stay inside the frame."""
+@pytest.mark.parametrize("size, scale, min_tag_height, max_tag_height", [((40, 40), 12, 12, 30), ((160, 160), 3, 12, 30), ((1200, 3000), 1, 25, 60)])
+def test_annotation_is_legible_at_any_size(size, scale, min_tag_height, max_tag_height):
+    """One colour per category, a filled tag behind the text, the font scaled to the image, the tag of a box at the
+    right edge moved left to stay inside the frame, and a small image drawn enlarged to a 480 px short side."""
     import torch
 
     height, width = size
     image = Image.new("RGB", (width, height), "white")
-    right_edge = width - 20
+    right_edge = width - 20 / scale
     boxes = torch.tensor([[right_edge, 0.0, width - 1.0, height * 0.3], [0.0, height * 0.6, width * 0.3, height - 1.0]])
     detections = {"labels": torch.tensor([0, 1]), "text_labels": ["remote control", "cat"], "scores": torch.tensor([0.9, 0.8]), "boxes": boxes}
     drawn = np.asarray(annotate(image, detections))
-    assert drawn.shape == (height, width, 3) and np.asarray(image).min() == 255  # drawn on a copy
+    assert drawn.shape == (height * scale, width * scale, 3) and np.asarray(image).min() == 255  # drawn on a copy
 
     def colour_mask(label):
         return (drawn == [int(cli.PALETTE[label][k : k + 2], 16) for k in (1, 3, 5)]).all(-1)
 
     assert colour_mask(0).any() and colour_mask(1).any()  # a distinct colour per category
-    tag = colour_mask(0)[:, :right_edge]  # left of the box: only the tag, shifted to fit in the frame
+    # the second box's outline is where its scaled coordinates say
+    columns = np.nonzero(colour_mask(1).any(0))[0]
+    assert columns.min() == 0 and abs(columns.max() - width * 0.3 * scale) <= 2
+    box_left = round(right_edge * scale) - 2  # (less the rounding of the scaled outline)
+    tag = colour_mask(0)[:, :box_left]  # left of the box: only the tag, shifted to fit in the frame
     tag_rows, tag_columns = np.nonzero(tag.any(1))[0], np.nonzero(tag.any(0))[0]
     assert min_tag_height <= len(tag_rows) <= max_tag_height
-    assert tag_columns.min() < right_edge - 5 and tag_rows.min() == 0  # kept inside: moved left, not above the frame
+    assert tag_columns.min() < box_left - 5 and tag_rows.min() == 0  # kept inside: moved left, not above the frame
 
 
 def test_console_script_is_installed():

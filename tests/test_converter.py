@@ -105,7 +105,7 @@ def test_pth_is_loaded_weights_only_and_pickles_need_opt_in(tiny_original, tmp_p
 
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": dict(tiny_original), "cfg": _Opaque()}, unsafe)
-    with pytest.raises(ValueError, match="--allow-unsafe-pickle"):
+    with pytest.raises(ValueError, match="--allow_unsafe_pickle"):
         load_original_checkpoint(unsafe)
     assert load_original_checkpoint(unsafe, allow_unsafe_pickle=True).keys() == tiny_original.keys()
     with pytest.raises(FileNotFoundError):
@@ -178,7 +178,7 @@ def test_missing_key_without_config_yaml_names_the_keys(tiny_original, tmp_path)
     from modeling_glip.convert_glip_original_to_hf import convert
 
     incomplete = {k: v for k, v in tiny_original.items() if k not in ("backbone.fpn.fpn_inner4.weight", "rpn.head.cls_logits.weight")}
-    with pytest.raises(ValueError, match=r"lacks \['backbone.fpn.fpn_inner4.weight', 'rpn.head.cls_logits.weight'\].*--config-yaml"):
+    with pytest.raises(ValueError, match=r"lacks \['backbone.fpn.fpn_inner4.weight', 'rpn.head.cls_logits.weight'\].*--config_yaml"):
         infer_config_from_state_dict(incomplete, BertConfig(**TINY_TEXT_CONFIG))
     from safetensors.torch import save_file
 
@@ -229,7 +229,7 @@ def test_non_checkpoint_files_are_named_and_never_offered_unsafe_unpickling(tmp_
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message) as error:
         load_original_checkpoint(path)
-    assert "allow-unsafe-pickle" not in str(error.value)
+    assert "allow_unsafe_pickle" not in str(error.value)
 
 
 def test_non_tensor_state_dict_is_refused(tmp_path):
@@ -301,7 +301,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "neither a PyTorch checkpoint" in error
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(path), "--output", str(tmp_path / "out"), "--text-config", str(tmp_path / "absent.json")])
-    assert exit_info.value.code == 2 and "--text-config" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--text_config" in capsys.readouterr().err
 
 
 def test_help_refers_only_to_files_in_the_repository(capsys):

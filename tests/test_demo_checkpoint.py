@@ -1,8 +1,10 @@
-"""The bundled demo checkpoint (checkpoints/glip-demo): it loads through the Auto classes and both zero-shot pipelines,
-finds the objects of freshly generated synthetic scenes with the right names, and `make demo`'s command runs."""
+"""The bundled demo checkpoint (checkpoints/glip-demo): it loads through the Auto classes, both zero-shot pipelines
+and remote code (its auto_map and code files, symlinks to the package sources), finds the objects of freshly generated
+synthetic scenes with the right names, and `make demo`'s command runs."""
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import sys
@@ -18,6 +20,7 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, pip
 import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
 from modeling_glip.cli import main as glip_detect
 from processing import GLIPZeroShotObjectDetectionPipeline
+from tests.test_hf_integration import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "glip-demo"
@@ -56,6 +59,65 @@ def test_checkpoint_files_and_size():
     if (CHECKPOINT / "tokenizer.json").is_file():  # no truncation / padding inherited from MiniLM's tokenizer.json
         tokenizer_json = json.loads((CHECKPOINT / "tokenizer.json").read_text())
         assert tokenizer_json["truncation"] is None and tokenizer_json["padding"] is None
+
+
+def test_carries_auto_map_and_links_its_code_files_to_the_package_sources(tiny_glip_checkpoint):
+    """The bundled checkpoint carries the same auto_map and the same code files as a checkpoint saved now
+    (`make demo-checkpoint`), each file a relative symlink to its package source: no second copy that could drift."""
+    for name in ("config.json", "processor_config.json"):
+        bundled, fresh = (json.loads((folder / name).read_text()) for folder in (CHECKPOINT, tiny_glip_checkpoint))
+        assert bundled["auto_map"] == fresh["auto_map"]
+    processor_config = json.loads((CHECKPOINT / "processor_config.json").read_text())
+    assert processor_config["image_processor"]["auto_map"] == {"AutoImageProcessor": "image_processing_glip.GLIPImageProcessor"}
+    code = sorted(CHECKPOINT.glob("*.py"))
+    assert [path.name for path in code] == sorted(path.name for path in tiny_glip_checkpoint.glob("*.py")), "run `make demo-checkpoint`"
+    for path in code:
+        assert path.is_symlink() and not Path(os.readlink(path)).is_absolute(), path
+        source = path.resolve()
+        assert source.name == path.name and source.parent.parent == ROOT and source.parent.name in demo.PACKAGES, source
+    # the checkpoint folder is flat: a module name in both packages (e.g. two auto_map.py) would make one link ambiguous
+    modules = [{path.name for path in (ROOT / package).glob("*.py")} - {"__init__.py"} for package in demo.PACKAGES]
+    assert not set.intersection(*modules)
+
+
+def test_remote_code_from_the_bundled_checkpoint_detects_as_the_package(model, tmp_path):
+    """Loaded with trust_remote_code=True in a fresh interpreter where our packages cannot be imported, the checkpoint's
+    own code (the linked files) gives the same detections as the package's model."""
+    image = shapes.render_scene(shapes.sample_scene(np.random.default_rng(11)))[0]
+    labels = ["red star", "blue ring", "green square"]
+    np.save(tmp_path / "pixels.npy", np.asarray(image))
+    result = run_isolated(REMOTE_DETECT_SCRIPT, str(CHECKPOINT), json.dumps(labels), str(tmp_path / "pixels.npy"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["modules"][0].startswith("transformers_modules.") and remote["modules"][1].endswith(".processing_glip")
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    inputs = processor(images=[image], text=[labels])
+    with torch.no_grad():
+        outputs = model(**inputs)
+    local = processor.post_process_grounded_object_detection(outputs, inputs, threshold=0.1, target_sizes=[image.size[::-1]])[0]
+    assert len(local["scores"]) > 0 and remote["text_labels"] == local["text_labels"]
+    torch.testing.assert_close(torch.tensor(remote["scores"]), local["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(remote["boxes"]), local["boxes"], atol=1e-3, rtol=0)
+
+
+REMOTE_DETECT_SCRIPT = """
+import json, sys
+sys.modules["modeling_glip"] = None  # our packages must not be importable: everything comes from the checkpoint
+sys.modules["processing"] = None
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+path, labels, pixels = sys.argv[1], json.loads(sys.argv[2]), np.load(sys.argv[3])
+model = AutoModelForZeroShotObjectDetection.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+image = Image.fromarray(pixels)
+inputs = processor(images=[image], text=[labels])
+with torch.no_grad():
+    outputs = model(**inputs)
+found = processor.post_process_grounded_object_detection(outputs, inputs, threshold=0.1, target_sizes=[image.size[::-1]])[0]
+print(json.dumps({"modules": [type(model).__module__, type(processor).__module__], "scores": found["scores"].tolist(),
+                  "boxes": found["boxes"].tolist(), "text_labels": list(found["text_labels"])}))
+"""
 
 
 def test_loads_in_float32_through_auto_classes(model):
@@ -164,7 +226,7 @@ def test_make_demo_command_runs(tmp_path, capsys):
     arguments = _make_demo_arguments()
     assert arguments[0] == "examples/demo_scene.png" and "--model" not in arguments  # the bundled checkpoint by default
     output = tmp_path / "demo"
-    arguments[arguments.index("--output-dir") + 1] = str(output)
+    arguments[arguments.index("--output_dir") + 1] = str(output)
     arguments[0] = str(ROOT / arguments[0])
     assert glip_detect(arguments) == 0
     printed = capsys.readouterr().out
@@ -173,7 +235,7 @@ def test_make_demo_command_runs(tmp_path, capsys):
         assert annotation["name"] in printed
     for absent in demo.DEMO_ABSENT_LABELS:
         assert absent not in printed
-    assert (output / "demo_scene_detections.png").is_file()
+    assert Image.open(output / "demo_scene_detections.png").size == (480, 480)  # the 160 px scene drawn enlarged
     info = json.loads((output / "detections_info.json").read_text())
     names = [category["name"] for category in info["categories"]]
     detected = {names[result["category_id"] - 1] for result in json.loads((output / "detections.json").read_text())}

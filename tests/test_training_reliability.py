@@ -1,16 +1,18 @@
 """examples/pretrain_glip.py never hangs, never loses a checkpoint and never runs code from one: atomic checkpoints and
-`latest` resume, refused pickles, exact-resume checks, non-finite steps stopped before they touch the weights, data
-without a usable batch stopped with its skip counts, and finetune_glip.py honouring every flag form."""
+`latest` resume, checkpoint rotation, refused pickles, exact-resume checks, non-finite steps stopped before they touch
+the weights, data without a usable batch stopped with its skip counts, a launcher that starts fewer processes than
+asked refused, and finetune_glip.py honouring every flag form."""
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from tests.training_fixtures import common_args, load_script, make_detection_set, run, tiny_training_config
+from tests.training_fixtures import REPO, common_args, load_script, make_detection_set, run, tiny_training_config
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,55 @@ def test_latest_takes_the_newest_complete_checkpoint(script, checkpoint, caplog)
     assert script.latest_checkpoint(run_dir / "nothing_here") is None
 
 
+def test_rotation_keeps_the_newest_and_the_resumed_checkpoints_and_deletes_through_a_rename(script, checkpoint):
+    _, _, _, _, folder = checkpoint
+    run_dir = folder.parent
+    for step in (2, 3, 4, 5):
+        shutil.copytree(folder, run_dir / f"checkpoint-{step}")
+    (run_dir / "checkpoint-3" / "scheduler.bin").unlink()  # incomplete: neither counted nor deleted
+    (run_dir / "checkpoint-0.deleting").mkdir()  # left by a deletion that was interrupted
+    (run_dir / "checkpoint-7.incomplete").mkdir()
+    rotated = script.rotate_checkpoints(run_dir, limit=2, keep=run_dir / "checkpoint-1")
+    assert rotated == [run_dir / "checkpoint-2"]
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-7.incomplete"]
+    assert script.rotate_checkpoints(run_dir, limit=1) == [run_dir / "checkpoint-1", run_dir / "checkpoint-4"]
+    assert script.latest_checkpoint(run_dir) == run_dir / "checkpoint-5"
+
+
+@pytest.mark.parametrize(
+    "environ, processes, problem",
+    [
+        ({}, 1, None),  # python pretrain_glip.py
+        ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True"}, 1, None),  # accelerate launch --cpu
+        ({"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, 1, "asked for more than one process"),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "0"}, 2, None),  # --multi_gpu
+        ({"WORLD_SIZE": "2"}, 1, "the launcher started 2 processes .WORLD_SIZE., Accelerate runs 1"),
+        ({"PMI_SIZE": "4"}, 2, "started 4 processes .PMI_SIZE."),
+        ({"MASTER_PORT": "29500"}, 1, None),  # not launched by accelerate: a user's own environment
+    ],
+)
+def test_a_launcher_that_started_fewer_processes_than_asked_is_named(script, environ, processes, problem):
+    found = script.launcher_problem(processes, environ)
+    assert (found is None) if problem is None else re.search(problem, found)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_name_or_path", "/no/such/model"], r"--model_name_or_path /no/such/model: no such folder \(/no/such/model does not exist\)"),
+        (["--model_name_or_path", "runs/missing"], r"--model_name_or_path runs/missing: no such folder .* not in the local cache"),
+        (["--config", "glip_t", "--tokenizer", "/no/vocab"], r"--tokenizer /no/vocab: no such folder"),
+        (["--config", "glip_t", "--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1, got 0"),
+        (["--config", "glip_t", "--eval_min_size", "0"], "--eval_min_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_paths_and_limits_are_argument_errors(script, flags, message, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--train_files", "train.json", "--output_dir", "out", *flags])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
 def test_nonfinite_step_leaves_the_weights_untouched(script):
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
@@ -227,7 +278,7 @@ def test_a_diverged_step_stops_before_it_touches_the_weights(workspace, skip):
 # ----------------------------------------------------------------------------------------------------------------------
 # finetune_glip.py flags
 # ----------------------------------------------------------------------------------------------------------------------
-REQUIRED = ["--model_name_or_path", "m", "--train_annotations", "train.json", "--output_dir", "out"]
+REQUIRED = ["--model_name_or_path", str(REPO / "checkpoints" / "glip-demo"), "--train_annotations", "train.json", "--output_dir", "out"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ uninterrupted run, overfitting 4 images recovers their boxes; plus the fine-tuni
 a timm backbone trained in-process."""
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -17,7 +18,16 @@ from modeling_glip.modeling_glip import GLIPModel
 from processing import GLIPImageProcessor, GLIPProcessor
 from processing.train_transforms import GLIPTrainTransform
 from processing.training_data import GLIPTrainingCollator, coco_json_to_records
-from tests.training_fixtures import ENV, common_args, load_script, make_detection_set, run, tiny_training_config  # noqa: F401 (ENV, load_script: also imported from here by test_metrics_training)
+from tests.training_fixtures import (  # noqa: F401 (ENV, load_script: also imported from here by test_metrics_training)
+    CPU_MULTIPROCESS_FLAGS,
+    ENV,
+    REPO,
+    common_args,
+    load_script,
+    make_detection_set,
+    run,
+    tiny_training_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +61,16 @@ def free_port() -> int:
 def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
     root, vocab = workspace
     single = root / "single"
-    run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(single), "--min_sizes": ["64"], "--max_size": "64"}))
+    result = run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(single), "--min_sizes": ["64"], "--max_size": "64"}))
+    assert "world size 1, device cpu, mixed precision no, effective batch size 2 = 2 per device x 1 process(es) x 1 accumulation step(s)" in result.stderr
     ddp = root / "ddp"
-    launcher = (
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-    )
+    # the README's multi-process CPU recipe
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", *CPU_MULTIPROCESS_FLAGS, "--main_process_port", str(free_port()))
     # same-size images (64 px, no padding differences) so that a batch of 2 equals two batches of 1
-    run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(ddp), "--per_device_batch_size": "1", "--min_sizes": ["64"], "--max_size": "64"}), launcher)
+    result = run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(ddp), "--per_device_batch_size": "1", "--min_sizes": ["64"], "--max_size": "64"}), launcher)
+    summary = r"world size 2 \(MULTI_CPU\), device cpu(:0)?, mixed precision no, effective batch size 2 = 1 per device x 2 process\(es\) x 1 accumulation"
+    assert len(re.findall(summary, result.stderr)) == 1, result.stderr[-3000:]  # logged once, by the main process
+    assert json.loads((ddp / "run_config.json").read_text())["effective_batch_size"] == 2
     final = [row for row in metrics(ddp) if "final_rank_weight_max_diff" in row]
     assert final and final[0]["final_rank_weight_max_diff"] == 0.0  # both ranks hold identical weights
     assert max_difference(weights(single), weights(ddp)) < 1e-5
@@ -72,6 +84,11 @@ def test_kill_and_resume_equals_uninterrupted_training(workspace):
     root, vocab = workspace
     full, resumed = root / "full", root / "resumed"
     run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(full)}))  # dropout, DropBlock, flips, multi-scale
+    # trained at 48-64 px (long side 80): the saved model runs at its test size 64 / 80, processor and config alike
+    processor = json.loads((full / "model" / "processor_config.json").read_text())["image_processor"]
+    config = json.loads((full / "model" / "config.json").read_text())
+    assert (processor["min_size"], processor["max_size"]) == (config["min_size_test"], config["max_size_test"]) == (64, 80)
+    assert json.loads((full / "model_ema" / "processor_config.json").read_text())["image_processor"]["min_size"] == 64
     # kill -9 while checkpoint-6 is being written (checkpoint-3 complete, 4 batches per epoch): the resume from step 3
     # crosses an epoch boundary
     run(common_args(root, vocab, "stochastic.json", **{"--output_dir": str(resumed), "--kill_during_save": "6"}), expect_rc=-9)
@@ -103,12 +120,56 @@ def test_overfitting_four_images_recovers_their_boxes(tmp_path, bert_vocab_dir):
         "--logging_steps", "10", "--eval_annotations", str(tmp_path / "train.json"), "--eval_image_root", str(tmp_path),
         "--eval_min_size", "64", "--eval_max_size", "64", "--output_dir", str(output),
     ]
-    run(argv)
+    result = run(argv)
     rows = metrics(output)
     losses = [row["loss"] for row in rows if "loss" in row]
+    # the evaluation after training is printed as a table: a header row and the step-150 row
+    table = result.stdout[result.stdout.index("step    mAP  mAP_50") :].splitlines()
+    assert table[2].split()[0] == "150" and float(table[2].split()[2]) == pytest.approx(metrics(output)[-1]["eval_mAP_50"], abs=1e-3)
     assert losses[-1] < 0.4 * losses[0]
     evaluation = [row for row in rows if "eval_mAP_50" in row][-1]
     assert evaluation["eval_mAP_50"] > 0.9
+
+
+def test_a_run_from_a_checkpoint_uses_its_processor_rotates_checkpoints_and_prints_evaluations(workspace, tiny_glip_checkpoint):
+    """From a checkpoint whose processor runs at 64 / 96 px: training at x0.6 .. x1.0 of 64, evaluations at 64 / 96
+    printed as a table at every --eval_steps, the same processor saved; --checkpoints_total_limit keeps the newest
+    checkpoints, and a resumed run never deletes the checkpoint it resumed from."""
+    root, _ = workspace
+    output = root / "from_checkpoint"
+    argv = [
+        "--cpu", "--model_name_or_path", str(tiny_glip_checkpoint), "--train_files", str(root / "train.json"), "--image_root", str(root),
+        "--max_steps", "3", "--num_workers", "0", "--warmup_steps", "1", "--per_device_batch_size", "2", "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2", "--eval_annotations", str(root / "train.json"), "--eval_image_root", str(root), "--eval_steps", "2",
+        "--output_dir", str(output),
+    ]
+    result = run(argv)
+    assert "training resolution: short side 38 45 51 58 64, long side <= 96; evaluation and the saved processor: min_size 64, max_size 96" in result.stderr
+    tables = [text.splitlines() for text in result.stdout.split("min_size 64, max_size 96):\n")[1:]]
+    assert [[row.split()[0] for row in table[2:4] if row.strip()] for table in tables] == [["2"], ["2", "3"]]  # during and after training
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert f"deleted {output / 'checkpoint-1'} (--checkpoints_total_limit 2)" in result.stderr
+    processor = json.loads((output / "model" / "processor_config.json").read_text())["image_processor"]
+    assert (processor["min_size"], processor["max_size"]) == (64, 96)
+
+    run([*argv[: argv.index("--max_steps")], "--max_steps", "4", *argv[argv.index("--max_steps") + 2 :], "--resume_from_checkpoint", str(output / "checkpoint-2"), "--checkpoints_total_limit", "1"])
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # the resumed-from one stays
+
+
+def test_an_accelerate_launch_that_starts_one_process_instead_of_several_is_refused(workspace):
+    """`accelerate launch --cpu --num_processes 2` starts ONE plain process: the run stops at start, naming the recipe."""
+    root, vocab = workspace
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()))  # fmt: skip
+    result = run(common_args(root, vocab, "deterministic.json", **{"--output_dir": str(root / "one_of_two")}), launcher, expect_rc=1, timeout=180)
+    assert "was asked for more than one process" in result.stderr and " ".join(CPU_MULTIPROCESS_FLAGS) in result.stderr
+    assert not (root / "one_of_two" / "model").exists()
+
+
+def test_the_readme_documents_the_tested_multiprocess_cpu_recipe():
+    recipe = "accelerate launch " + " ".join(CPU_MULTIPROCESS_FLAGS)
+    assert recipe in " ".join((REPO / "README.md").read_text().split())
+    assert recipe in load_script().CPU_LAUNCH_RECIPE
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,8 @@ def grounding_record(file_name: str, caption: str, phrases: List[tuple], width: 
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "pretrain_glip.py"
+# `accelerate launch` flags of the README's multi-process CPU recipe (2 gloo ranks; the script also needs --cpu)
+CPU_MULTIPROCESS_FLAGS = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

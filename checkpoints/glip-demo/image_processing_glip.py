@@ -1,0 +1,1 @@
+../../processing/image_processing_glip.py

@@ -1,0 +1,1 @@
+../../processing/post_processing_glip.py

@@ -1,0 +1,1 @@
+../../processing/processing_glip.py

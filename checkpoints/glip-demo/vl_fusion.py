@@ -1,0 +1,1 @@
+../../modeling_glip/vl_fusion.py
