@@ -31,14 +31,15 @@ from PIL import Image
 from processing import load_rgb_image, post_processing_limits
 from processing.post_processing_glip import check_fraction, check_integer
 
+from .command_line import checked_model_path
 from .cli import (
-    DEFAULT_MODEL,
     DEFAULT_THRESHOLD,
     annotate,
     annotated_names,
     build_prompt,
     category_names,
     coco_results,
+    default_model,
     detect,
     image_record,
     load_model,
@@ -79,7 +80,7 @@ def _one_line(error: BaseException) -> str:
 @functools.lru_cache(maxsize=MODELS_KEPT)
 def cached_model(model_path: str) -> tuple:
     """(model, processor, post-processing limits) of a checkpoint, loaded once per path (ValueError: see `load_model`)."""
-    model, processor = load_model(model_path)
+    model, processor = load_model(checked_model_path(model_path, "model"))
     return model, processor, post_processing_limits(model.config)
 
 
@@ -178,10 +179,11 @@ def _gradio():
     return gradio
 
 
-def build_app(model_path: str = str(DEFAULT_MODEL), output_root: Optional[Union[str, Path]] = None):
-    """The page as a `gradio.Blocks` (not launched); downloads go under `output_root` (default: a new temporary
-    folder)."""
+def build_app(model_path: Optional[str] = None, output_root: Optional[Union[str, Path]] = None):
+    """The page as a `gradio.Blocks` (not launched) with `model_path` (default: the bundled demo checkpoint) in its model
+    field; downloads go under `output_root` (default: a new temporary folder)."""
     gr = _gradio()
+    model_path = str(default_model()) if model_path is None else model_path
     output_root = Path(output_root) if output_root is not None else Path(tempfile.mkdtemp(prefix="glip-app-"))
 
     def on_detect(image, kind, labels, caption, phrases, threshold, max_detections, model, progress=gr.Progress()):
@@ -234,7 +236,7 @@ def build_app(model_path: str = str(DEFAULT_MODEL), output_root: Optional[Union[
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glip-app", description=f"GLIP zero-shot detection in the browser (serves http://{HOST}:PORT).")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="the page's default checkpoint folder or Hub repo id (default: the bundled demo checkpoint)")
+    parser.add_argument("--model", default=str(default_model()), help="the page's default checkpoint folder or Hub repo id (default: the bundled demo checkpoint)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on {HOST} (default {DEFAULT_PORT})")
     return parser
 
