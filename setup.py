@@ -33,8 +33,13 @@ setup(
     extras_require={
         # the `glip-app` web page (gradio pins pillow < 13)
         "app": ["gradio>=6.0,<7"],
+        # ONNX export (examples/export_onnx.py, torch.onnx.export(dynamo=True)) and ONNX Runtime; tested with these
+        "export": ["onnx>=1.23.2", "onnxscript>=0.7.2", "onnxruntime>=1.32.0"],
         "dev": [
             "pytest>=7",
+            "onnx>=1.23.2",
+            "onnxscript>=0.7.2",
+            "onnxruntime>=1.32.0",
             "pytest-timeout>=2",
             # the browser test of glip-app (tests/test_app.py) drives Debian's chromium + chromium-driver
             "selenium>=4.20",

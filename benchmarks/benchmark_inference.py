@@ -9,6 +9,11 @@ the speedup over the original GLIP is  original ratio / (our median / calibratio
     python benchmarks/benchmark_inference.py --prompts three coco80 --batch_sizes 1 --runs 3   # the speedup cases
     python benchmarks/benchmark_inference.py --prompts three --batch_sizes 1 --runs 1 --warmup 0 --no_calibration
     python benchmarks/benchmark_inference.py --fixed_vocab_images 10 --prompts coco80 lvis     # text encoded once
+    python benchmarks/benchmark_inference.py --backend onnxruntime --checkpoint checkpoints/glip-demo --prompts three --batch_sizes 1
+
+Backends: `eager`, `compile` (`torch.compile(model, fullgraph=True)`, compiled in the warm-up) and `onnxruntime` (the
+case's inputs exported with `modeling_glip.export_glip.export_onnx`, static shapes, run with `run_onnx`; export time
+reported as `setup_s`). The per-part breakdown needs eager modules (forward hooks), so it is eager-only.
 
 Cases: prompts `three` ("cat. remote control. couch"), `coco80` (the 80 COCO names, 194 tokens), `lvis` (1203 LVIS-length
 names, split by GLIPProcessor into <=256-token chunks that run as one batch per image); batch sizes; dtypes (fp32 on
@@ -99,13 +104,16 @@ class Timer:
         self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
-def build(device, dtype):
+def build(device, dtype, checkpoint=None):
+    """GLIP-T with random weights and GLIP's processor, or the model and processor saved in `checkpoint`."""
     from transformers import BertTokenizer
 
     from modeling_glip.configuration_glip import GLIPConfig
     from modeling_glip.modeling_glip import GLIPModel
     from processing import GLIPImageProcessor, GLIPProcessor
 
+    if checkpoint is not None:
+        return GLIPModel.from_pretrained(checkpoint).eval().to(device=device, dtype=dtype), GLIPProcessor.from_pretrained(checkpoint)
     torch.manual_seed(0)
     model = GLIPModel(GLIPConfig.glip_t()).eval().to(device=device, dtype=dtype)
     processor = GLIPProcessor(GLIPImageProcessor(), BertTokenizer.from_pretrained(str(bert_vocab_dir())))
@@ -129,6 +137,29 @@ def model_inputs(inputs):
     return {k: inputs[k] for k in keys}
 
 
+def backend_forward(model, inputs, args):
+    """The forward of `args.backend` on `inputs` (a callable without arguments) and its set-up seconds."""
+    start = time.perf_counter()
+    if args.backend == "compile":
+        compiled = torch.compile(model, fullgraph=True)  # compiles in the first (warm-up) call
+        return (lambda: compiled(**model_inputs(inputs))), 0.0
+    if args.backend == "onnxruntime":
+        import tempfile
+
+        import onnxruntime
+
+        from modeling_glip.export_glip import export_inputs, export_onnx, run_onnx
+
+        folder = tempfile.mkdtemp(prefix="glip-benchmark-onnx-")
+        path = export_onnx(model, inputs, Path(folder) / "model.onnx", dynamic=())
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = export_inputs(inputs)
+        return (lambda: run_onnx(session, feed)), time.perf_counter() - start
+    return (lambda: model(**model_inputs(inputs))), 0.0
+
+
 def run_case(args):
     """One (prompt, batch, dtype) case in this process; prints one JSON line."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -139,25 +170,27 @@ def run_case(args):
         from calibration import calibration_seconds as calibrate
 
         torch.set_num_threads(args.threads)
-    model, processor = build(device, dtype)
+    model, processor = build(device, dtype, args.checkpoint)
     names = prompt_names(args.prompt)
     images = make_images(args.batch)
     inputs = to_device(processor(images=images, text=names), device)
+    forward, setup_seconds = backend_forward(model, inputs, args)
     timer = Timer(device)
-    timer.watch(model.backbone, "backbone")
-    timer.watch(model.fpn, "fpn")
-    timer.watch(model.text_model, "text encoder")
-    for layer in model.head.layers:
-        timer.watch(layer.vl_fuse, "VLFuse")
-        timer.watch(layer.text_layer, "BertLayer")
-        timer.watch(layer.dyconv, "DyConv")
-    timer.watch(model.head, "head")
+    if args.backend == "eager":
+        timer.watch(model.backbone, "backbone")
+        timer.watch(model.fpn, "fpn")
+        timer.watch(model.text_model, "text encoder")
+        for layer in model.head.layers:
+            timer.watch(layer.vl_fuse, "VLFuse")
+            timer.watch(layer.text_layer, "BertLayer")
+            timer.watch(layer.dyconv, "DyConv")
+        timer.watch(model.head, "head")
 
     def step():
         timer.sync()
         start = time.perf_counter()
         with torch.no_grad():
-            outputs = model(**model_inputs(inputs))
+            outputs = forward()
             timer.sync()
             middle = time.perf_counter()
             detections = processor.post_process_grounded_object_detection(outputs, inputs, candidate_threshold=args.candidate_threshold)
@@ -182,12 +215,16 @@ def run_case(args):
         if calibrate:
             calibrations.append(calibrate())
     breakdown = {name: statistics.median(values) for name, values in parts.items()}
-    tower = sum(breakdown.get(name, 0.0) for name in TOWER_PARTS)
-    breakdown["heads"] = breakdown.pop("head") - tower  # dot product, box and centerness predictors
-    breakdown["backbone"] += breakdown.pop("fpn")
+    if args.backend == "eager":
+        tower = sum(breakdown.get(name, 0.0) for name in TOWER_PARTS)
+        breakdown["heads"] = breakdown.pop("head") - tower  # dot product, box and centerness predictors
+        breakdown["backbone"] += breakdown.pop("fpn")
     breakdown["post-processing"] = statistics.median(post)
     result = {
         "prompt": args.prompt,
+        "backend": args.backend,
+        "model": str(args.checkpoint or "GLIP-T (random weights)"),
+        "setup_s": setup_seconds,
         "batch": args.batch,
         "dtype": args.dtype,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)",
@@ -205,7 +242,7 @@ def run_case(args):
     if calibrations:
         result["calibration_median_s"] = statistics.median(calibrations)
         result["ratio"] = result["median_s"] / result["calibration_median_s"]
-        if args.prompt in ORIGINAL_RATIOS and args.batch == 1 and args.dtype == "float32":
+        if args.checkpoint is None and args.prompt in ORIGINAL_RATIOS and args.batch == 1 and args.dtype == "float32":  # GLIP-T only
             result["speedup_vs_original"] = ORIGINAL_RATIOS[args.prompt] / result["ratio"]
     print("RESULT " + json.dumps(result))
 
@@ -214,7 +251,7 @@ def run_fixed_vocabulary(args):
     """Encode the label set once (one text pass per chunk), then detect on `--fixed_vocab_images` images."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    model, processor = build(device, dtype)
+    model, processor = build(device, dtype, args.checkpoint)
     text_passes = []
     model.text_model.register_forward_hook(lambda module, inputs, output: text_passes.append(1))
     vocabulary = to_device(processor(text=prompt_names(args.prompt)), device)
@@ -261,11 +298,13 @@ def print_tables(results):
     cases = [r for r in results if "prompt" in r]
     if cases:
         parts = ["backbone", "text encoder", "VLFuse", "BertLayer", "DyConv", "heads", "post-processing"]
-        header = ["prompt", "batch", "dtype", "rows x tokens", "median s", "s / image", "calib s", "ratio", "speedup", "peak RSS MiB"]
+        header = ["model", "backend", "prompt", "batch", "dtype", "rows x tokens", "median s", "s / image", "calib s", "ratio", "speedup", "peak RSS MiB"]
         print("| " + " | ".join(header + [f"{p} s" for p in parts]) + " |")
         print("|" + "---|" * (len(header) + len(parts)))
         for r in cases:
             cells = [
+                r["model"],
+                r["backend"],
                 r["prompt"],
                 r["batch"],
                 r["dtype"],
@@ -303,12 +342,18 @@ def main():
     parser.add_argument("--lvis_runs", type=int, default=1, help="timed runs of the (long) lvis cases")
     parser.add_argument("--fixed_vocab_images", type=int, default=0, help="also time N images with each label set encoded once")
     parser.add_argument("--candidate_threshold", type=float, default=0.05, help="post-processing candidate threshold (INFERENCE_TH)")
+    parser.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime"], help="how the model runs")
+    parser.add_argument("--checkpoint", type=Path, help="a saved GLIP model + processor folder (default: GLIP-T, random weights)")
     parser.add_argument("--json", type=Path, help="write all results to this file")
     parser.add_argument("--case", choices=["model", "fixed"], help=argparse.SUPPRESS)  # internal: run one case here
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
+        parser.error(f"argument --checkpoint: {str(args.checkpoint)!r} is not a saved GLIP folder (no config.json)")
+    if args.backend != "eager" and args.fixed_vocab_images:
+        parser.error(f"argument --fixed_vocab_images: times the eager model only, not --backend {args.backend}")
     if args.case == "model":
         return run_case(args)
     if args.case == "fixed":
@@ -324,6 +369,7 @@ def main():
             if args.fixed_vocab_images:
                 jobs.append(["--case", "fixed", "--prompt", prompt, "--batch", str(args.batch_sizes[0]), "--dtype", dtype])
     common = ["--device", args.device, "--threads", str(args.threads), "--warmup", str(args.warmup), "--candidate_threshold", str(args.candidate_threshold)]
+    common += ["--backend", args.backend] + ([] if args.checkpoint is None else ["--checkpoint", str(args.checkpoint)])
     common += ["--fixed_vocab_images", str(args.fixed_vocab_images)] + ([] if args.calibration else ["--no_calibration"])
     results = []
     for job in jobs:  # one process per case, one after the other

@@ -20,7 +20,6 @@ path runs in seconds on a CPU. A section that fails is reported in its row (the 
 exit status is 1 if any check failed. `--budget` (seconds) skips the remaining speed cases once spent.
 """
 
-import argparse
 import json
 import math
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from benchmark_inference import COCO_NAMES, bert_vocab_dir, make_images, model_inputs, to_device  # noqa: E402
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "reference"
 DEMO = REPO / "checkpoints" / "glip-demo"
@@ -302,7 +302,7 @@ def print_table(rows: list, header: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: every path in seconds (CPU tests)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per speed case (median reported)")

@@ -84,6 +84,7 @@ from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 
+from modeling_glip.command_line import GLIPArgumentParser
 from modeling_glip.modeling_glip import GLIPModel
 from pretrain_glip import _fsync, exit_without_teardown
 from processing import GLIPProcessor, load_rgb_image, post_processing_limits
@@ -118,7 +119,7 @@ class SkippedImage(Exception):
 # arguments
 # ----------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("input")
     data.add_argument("--format", choices=FORMATS, help="input format (default: from --data_dir / the --data_files suffix)")
     data.add_argument("--data_dir", help="imagefolder: the folder of the images and their metadata.jsonl / .csv")

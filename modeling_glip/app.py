@@ -31,7 +31,7 @@ from PIL import Image
 from processing import load_rgb_image, post_processing_limits
 from processing.post_processing_glip import check_fraction, check_integer
 
-from .command_line import checked_model_path
+from .command_line import GLIPArgumentParser, checked_model_path
 from .cli import (
     DEFAULT_THRESHOLD,
     annotate,
@@ -235,7 +235,7 @@ def build_app(model_path: Optional[str] = None, output_root: Optional[Union[str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glip-app", description=f"GLIP zero-shot detection in the browser (serves http://{HOST}:PORT).")
+    parser = GLIPArgumentParser(prog="glip-app", description=f"GLIP zero-shot detection in the browser (serves http://{HOST}:PORT).")
     parser.add_argument("--model", default=str(default_model()), help="the page's default checkpoint folder or Hub repo id (default: the bundled demo checkpoint)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on {HOST} (default {DEFAULT_PORT})")
     return parser

@@ -459,6 +459,14 @@ class GLIPModel(GLIPPreTrainedModel):
                 )
             self._check_finite("text_encoder_hidden_state", text_encoder_hidden_state)
 
+    @property
+    def max_prompt_length(self) -> int:
+        """The most tokens a prompt row may have: the text encoder's positions (and the prompt-tuning offsets')."""
+        max_positions = self.config.text_config.max_position_embeddings
+        if self.config.text_prompt_length:
+            max_positions = min(max_positions, self.config.text_prompt_length)
+        return max_positions
+
     def _validate_text_inputs(self, input_ids, attention_mask, token_type_ids):
         if input_ids is None:
             raise ValueError("`input_ids` (batch, tokens) are required.")
@@ -468,9 +476,7 @@ class GLIPModel(GLIPPreTrainedModel):
         if input_ids.shape[1] == 0:
             raise ValueError("The prompt is empty: `input_ids` has no tokens.")
         text_config = self.config.text_config
-        max_positions = text_config.max_position_embeddings
-        if self.config.text_prompt_length:
-            max_positions = min(max_positions, self.config.text_prompt_length)
+        max_positions = self.max_prompt_length
         if input_ids.shape[1] > max_positions:
             raise ValueError(
                 f"The prompt has {input_ids.shape[1]} tokens but the text encoder has {max_positions} positions; "

@@ -14,7 +14,6 @@
         scikit-image's bundled photos with captions: inputs for measuring pseudo-labelling speed at full size
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from torchvision.ops import box_iou
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
+from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
 from processing.training_data import coco_json_to_records, load_training_records  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def throughput_inputs(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("to_jsonl", help="labelled subset -> .jsonl record shards")
     command.add_argument("--data", required=True)
