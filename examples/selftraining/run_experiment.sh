@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GLIP's self-training claim in miniature, on the synthetic shapes (README.md in this folder has the results).
 #
-#   bash examples/selftraining/run_experiment.sh            # from the repository root; about 25 min of 2 CPU cores
+#   bash examples/selftraining/run_experiment.sh            # from the repository root; about 2 h of a shared 2-core CPU
 #   nohup bash examples/selftraining/run_experiment.sh > runs/selftrain.log 2>&1 &
 #
 # 1. data: 400 labelled training images (boxes + captions), a captions-only split of 4000 images (boxes withheld;
