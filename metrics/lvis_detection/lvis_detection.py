@@ -6,6 +6,7 @@ import json
 import logging
 import numbers
 import tempfile
+import warnings
 from pathlib import Path
 
 import datasets
@@ -196,12 +197,15 @@ def _without_detections(ground_truth: dict, frequency_of: dict, suffix: str) -> 
 
 @contextlib.contextmanager
 def _quiet(logger_name: str):
-    """lvis logs a warning on every in-memory result list; silence it for the duration of one computation."""
+    """lvis logs a warning (through the deprecated `Logger.warn`) on every in-memory result list: silence both for
+    the duration of one computation."""
     logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+            yield
     finally:
         logger.setLevel(level)
 
