@@ -231,14 +231,14 @@ def cached_predictions(
     """The cached detections of `image_ids` as `lvis_detection` predictions, reduced to what the protocol evaluates
     while they are read (a full run holds millions of detections): the `max_detections` best of each image
     (standard), or the `max_detections_per_category` best of each category so far (fixed). The metric applies the
-    same cap again, which changes nothing. Images without a cache file are left out (no detections)."""
+    same cap again, which changes nothing. One prediction per image, in `image_ids` order; an image without a cache
+    file (skipped: unreadable) has an empty one, so that it counts with no detections."""
     if protocol not in ("standard", "fixed"):
         raise ValueError(f"protocol must be 'standard' or 'fixed', got {protocol!r}")
     kept: List[Tuple[int, dict]] = []  # (image_id, tensors) in image order
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
     for image_id in image_ids:
-        if image_id not in cache:
-            continue
-        tensors = cache.get(image_id)
+        tensors = cache.get(image_id) if image_id in cache else empty
         if protocol == "standard":
             order = _stable_top(tensors["scores"], max_detections)
             tensors = {name: value[order] for name, value in tensors.items()}

@@ -102,8 +102,8 @@ def test_cached_predictions_apply_the_protocol_caps(tmp_path):
     cache.put(1, box.repeat(3, 1), torch.tensor([0.5, 0.75, 0.5]), torch.tensor([7, 7, 8]))  # float32-exact
     cache.put(2, box.repeat(2, 1), torch.tensor([0.875, 0.5]), torch.tensor([7, 8]))
     standard = cached_predictions(cache, [1, 2, 3], "standard", max_detections=2)
-    assert [p["scores"] for p in standard] == [[0.75, 0.5], [0.875, 0.5]]  # image 3 has no file: no prediction
-    assert [p["labels"] for p in standard] == [[7, 7], [7, 8]]  # the tie at .5 keeps the earlier detection
+    assert [p["scores"] for p in standard] == [[0.75, 0.5], [0.875, 0.5], []]  # image 3 has no file: no detections
+    assert [p["labels"] for p in standard] == [[7, 7], [7, 8], []]  # the tie at .5 keeps the earlier detection
     fixed = cached_predictions(cache, [1, 2], "fixed", max_detections_per_category=1)
     assert [(p["scores"], p["labels"]) for p in fixed] == [([0.5], [8]), ([0.875], [7])]  # category 8: tie -> image 1
     with pytest.raises(ValueError, match="protocol must be 'standard' or 'fixed', got 'pooled'"):
