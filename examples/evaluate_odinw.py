@@ -76,7 +76,8 @@ def find_datasets(odinw_root: Optional[str], datasets_file: Optional[str]) -> Li
         root = Path(odinw_root)
         if not root.is_dir():
             raise ValueError(f"--odinw_root {root} is not a folder")
-        found = [{"name": d.name, "annotations": d / "annotations.json", "images": d} for d in sorted(root.iterdir()) if (d / "annotations.json").is_file()]
+        folders = [d for d in sorted(root.iterdir()) if (d / "annotations.json").is_file()]
+        found = [{"name": d.name, "annotations": d / "annotations.json", "images": d} for d in folders]
     names = [entry["name"] for entry in found]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -130,7 +131,13 @@ def evaluate_datasets(model, processor, datasets: Sequence[dict], prompts: Dict[
         overrides = prompts.get(entry["name"], {})
         prompted = [{**category, "name": overrides.get(category["name"], category["name"])} for category in categories]
         predictions = predict_coco(
-            model, processor, records, prompted, entry["images"], candidate_threshold=limits["candidate_threshold"], max_detections=limits["max_detections"]
+            model,
+            processor,
+            records,
+            prompted,
+            entry["images"],
+            candidate_threshold=limits["candidate_threshold"],
+            max_detections=limits["max_detections"],
         )
         results[entry["name"]] = metric.compute(predictions=predictions, references=coco_references(records))
     return results
@@ -237,7 +244,10 @@ def run_evaluation(args, datasets: Sequence[dict], prompts: Dict[str, Dict[str, 
     model = GLIPModel.from_pretrained(args.model).to(args.device).eval()
     limits = post_processing_limits(model.config, candidate_threshold=args.candidate_threshold, max_detections=args.max_detections)
     sizes = processor.image_processor
-    print(f"model {args.model}: images resized to {sizes.min_size} / {sizes.max_size}; candidate_threshold {limits['candidate_threshold']}, max_detections {limits['max_detections']}")
+    print(
+        f"model {args.model}: images resized to {sizes.min_size} / {sizes.max_size}; "
+        f"candidate_threshold {limits['candidate_threshold']}, max_detections {limits['max_detections']}"
+    )
     results = evaluate_datasets(model, processor, datasets, prompts, limits, args.max_images)
     averages = suite_averages(results)
     width = max(len(name) for name in list(results) + list(averages))
@@ -259,9 +269,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.command == "few_shot":
         _positive_ints(parser, "--shots", args.shots)
         _positive_ints(parser, "--seeds", args.seeds)
-        written = write_few_shot_sets(args.annotations, args.output_dir, args.shots, args.seeds)
+        if not Path(args.annotations).is_file():
+            parser.error(f"--annotations {args.annotations} is not a file")
+        try:
+            written = write_few_shot_sets(args.annotations, args.output_dir, args.shots, args.seeds)
+        except ValueError as error:
+            parser.error(str(error))
         for entry in written:
-            short = f"; classes with fewer than {entry['shots']} images in the whole split: {entry['classes_short_of_k']}" if entry["classes_short_of_k"] else ""
+            short = ""
+            if entry["classes_short_of_k"]:  # the whole split has fewer images of these classes
+                short = f"; classes with fewer than {entry['shots']} images: {entry['classes_short_of_k']}"
             print(f"{entry['file']}: {entry['images']} images{short}")
         return {"written": written}
     for name in ("max_detections", "max_images"):

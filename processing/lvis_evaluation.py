@@ -53,7 +53,9 @@ def load_lvis_evaluation_set(annotation_file: Union[str, Path]) -> Tuple[List[di
     by_image: Dict[int, List[dict]] = {image["id"]: [] for image in data["images"]}
     for annotation in data["annotations"]:
         if annotation.get("image_id") not in by_image:
-            raise ValueError(f"{annotation_file}: annotation {annotation.get('id')} refers to image {annotation.get('image_id')}, which is not listed")
+            raise ValueError(
+                f"{annotation_file}: annotation {annotation.get('id')} refers to image {annotation.get('image_id')}, which is not listed"
+            )
         by_image[annotation["image_id"]].append(annotation)
     images = sorted(data["images"], key=lambda image: image["id"])
     records = [{"image_id": image["id"], "file_name": lvis_image_file(image)} for image in images]

@@ -52,7 +52,12 @@ def lvis_file(tmp_path, images=3):
     for image_id in range(1, images + 1):
         Image.new("RGB", (40, 30), (image_id * 40, 0, 0)).save(folder / f"{image_id:012d}.jpg")
         entries.append(
-            {"id": image_id, "coco_url": f"http://images.cocodataset.org/val2017/{image_id:012d}.jpg", "neg_category_ids": [3], "not_exhaustive_category_ids": []}
+            {
+                "id": image_id,
+                "coco_url": f"http://images.cocodataset.org/val2017/{image_id:012d}.jpg",
+                "neg_category_ids": [3],
+                "not_exhaustive_category_ids": [],
+            }
         )
         annotations.append({"id": image_id, "image_id": image_id, "bbox": [2, 2, 10, 10], "area": 100.0, "category_id": 1 + image_id % 2})
     categories = [{"id": i, "name": n, "frequency": f} for i, n, f in ((1, "red square", "r"), (2, "blue circle", "c"), (3, "green star", "f"))]
@@ -123,7 +128,8 @@ def test_chunked_detector_reuses_text_features_exactly(demo, monkeypatch):
     inputs = processor(images=[image], text=names, names_per_chunk=4)
     assert inputs["input_ids"].shape[0] == 2  # 6 names in chunks of 4
     with torch.no_grad():
-        direct = processor.post_process_grounded_object_detection(model(**inputs), inputs, target_sizes=[(image.height, image.width)], max_detections=50)[0]
+        outputs = model(**inputs)
+        direct = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)], max_detections=50)[0]
     for value, expected in zip(again, (direct["boxes"], direct["scores"], direct["labels"])):
         assert torch.allclose(value, expected, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first[1]) > 0
@@ -149,7 +155,8 @@ def test_evaluate_odinw_with_the_demo_checkpoint(tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"pothole": {name: name}}))
     output = tmp_path / "odinw.json"
-    results = odinw.main(["evaluate", "--model", str(CHECKPOINT), "--odinw_root", str(root), "--prompts", str(prompts), "--output", str(output), "--device", "cpu", "--max_images", "1"])
+    argv = ["evaluate", "--model", str(CHECKPOINT), "--odinw_root", str(root), "--prompts", str(prompts), "--output", str(output)]
+    results = odinw.main(argv + ["--device", "cpu", "--max_images", "1"])
     assert set(results["datasets"]) == {"pothole", "Raccoon_Raccoon.v2-raw.coco"}
     assert all(0.3 < metrics["mAP"] <= 1 for metrics in results["datasets"].values())  # the demo model knows the shapes
     average = results["averages"]["ODinW-13"]
@@ -162,11 +169,16 @@ def test_evaluate_odinw_with_the_demo_checkpoint(tmp_path, capsys):
 def test_odinw_prompt_overrides_reach_the_prompt(tmp_path, monkeypatch):
     root = odinw_root(tmp_path)
     seen = {}
-    monkeypatch.setattr(odinw, "predict_coco", lambda model, processor, records, categories, *a, **k: seen.setdefault(len(seen), [c["name"] for c in categories]) and [])
+    def predict_coco(model, processor, records, categories, *args, **kwargs):
+        seen[len(seen)] = [category["name"] for category in categories]
+        return []
+
+    monkeypatch.setattr(odinw, "predict_coco", predict_coco)
     monkeypatch.setattr(odinw.evaluate, "load", lambda path: type("Metric", (), {"compute": staticmethod(lambda **kwargs: {"mAP": 0.5})})())
     datasets = odinw.find_datasets(str(root), None)
     categories = json.loads((root / "pothole" / "annotations.json").read_text())["categories"]
-    results = odinw.evaluate_datasets(None, None, datasets, {"pothole": {categories[0]["name"]: "a hole in the road"}}, {"candidate_threshold": 0.05, "max_detections": 100})
+    prompts = {"pothole": {categories[0]["name"]: "a hole in the road"}}
+    results = odinw.evaluate_datasets(None, None, datasets, prompts, {"candidate_threshold": 0.05, "max_detections": 100})
     assert seen[1][0] == "a hole in the road" and seen[1][1:] == [c["name"] for c in categories[1:]]  # sorted: Raccoon first
     assert set(results) == {"pothole", "Raccoon_Raccoon.v2-raw.coco"}
 
@@ -186,6 +198,18 @@ def test_odinw_bad_prompts_are_refused_before_loading_a_model(tmp_path, capsys, 
     with pytest.raises(SystemExit):
         odinw.main(["evaluate", "--model", str(tmp_path / "no_model"), "--odinw_root", str(root), "--prompts", str(path)])
     assert message in capsys.readouterr().err
+
+
+def test_few_shot_command_refuses_a_file_that_is_not_coco(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": []}))
+    for annotations, message in ((path, "is not a COCO detection file"), (tmp_path / "missing.json", "is not a file")):
+        with pytest.raises(SystemExit):
+            odinw.main(["few_shot", "--annotations", str(annotations), "--output_dir", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        odinw.main(["few_shot", "--annotations", str(path), "--output_dir", str(tmp_path / "out"), "--shots", "0"])
+    assert "--shots must be positive" in capsys.readouterr().err
 
 
 def test_few_shot_sampler(tmp_path):
@@ -210,3 +234,4 @@ def test_few_shot_sampler(tmp_path):
     assert odinw.sample_few_shot(data, 3, 3)["images"] != odinw.sample_few_shot(data, 3, 30)["images"]
     with pytest.raises(ValueError, match=r"category ids \[9\] that `categories` does not list"):
         odinw.sample_few_shot({**data, "annotations": annotations + [{"id": 999, "image_id": 1, "category_id": 9}]}, 1, 3)
+

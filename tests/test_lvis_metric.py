@@ -82,7 +82,10 @@ def official(predictions, references, categories, tmp_path, max_dets=300):
     """The same data through LVIS / LVISResults / LVISEval directly, from an LVIS-format json file."""
     LVIS, LVISResults, LVISEval = lvis_api()
     dataset = {
-        "images": [{"id": r["image_id"], "neg_category_ids": r["neg_category_ids"], "not_exhaustive_category_ids": r["not_exhaustive_category_ids"]} for r in references],
+        "images": [
+            {"id": r["image_id"], "neg_category_ids": r["neg_category_ids"], "not_exhaustive_category_ids": r["not_exhaustive_category_ids"]}
+            for r in references
+        ],
         "annotations": [
             {"id": i, "image_id": image_id, "bbox": box, "category_id": label, "area": area}
             for i, (image_id, box, label, area) in enumerate(
@@ -94,7 +97,9 @@ def official(predictions, references, categories, tmp_path, max_dets=300):
     path = tmp_path / "lvis_gt.json"
     path.write_text(json.dumps(dataset))
     results = [
-        {"image_id": p["image_id"], "bbox": b, "score": s, "category_id": l} for p in predictions for b, s, l in zip(p["boxes"], p["scores"], p["labels"])
+        {"image_id": p["image_id"], "bbox": b, "score": s, "category_id": l}
+        for p in predictions
+        for b, s, l in zip(p["boxes"], p["scores"], p["labels"])
     ]
     ground_truth = LVIS(str(path))
     evaluation = LVISEval(ground_truth, LVISResults(ground_truth, results, max_dets=max_dets), iou_type="bbox")
@@ -184,7 +189,8 @@ def test_minival_subset_from_a_file(metric, tmp_path):
 
 def test_no_detections_give_zero_where_ground_truth_exists(metric):
     results = compute(metric, [prediction(1, [])], [reference(1, [A], [1])], categories=[{"id": 1, "frequency": "r"}, {"id": 2, "frequency": "c"}])
-    assert results == {**dict.fromkeys(("AP", "AP50", "AP75", "APs", "APr", "AR@300", "ARs@300"), 0.0), **dict.fromkeys(("APm", "APl", "APc", "APf", "ARm@300", "ARl@300"), -1.0)}
+    zero = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APr", "AR@300", "ARs@300"), 0.0)
+    assert results == {**zero, **dict.fromkeys(("APm", "APl", "APc", "APf", "ARm@300", "ARl@300"), -1.0)}
     assert list(results)[:3] == ["AP", "AP50", "AP75"]
 
 
