@@ -8,6 +8,14 @@
 
 Large vocabularies (LVIS) are split into prompt chunks (`--names_per_chunk 40` as the original's LVIS command line;
 chunks are also bounded by the 256-token prompt limit). Prints the metrics as JSON and writes them with --output.
+
+`--task lvis` runs zero-shot LVIS (an LVIS-format json: MiniVal or val v1.0) with the original's settings
+(`processing/lvis_evaluation.py`: chunks of 40 names, 300 detections per chunk, text features once) and reports
+Fixed AP (`--protocol fixed`, the paper's) or the standard 300-per-image AP, with APr / APc / APf. Per-image
+detections are cached in `--cache_dir`: rerunning the same command resumes an interrupted run.
+
+    python examples/evaluate_glip.py --task lvis --model path/to/glip --annotations lvis_v1_minival.json --images coco/ \
+        --cache_dir runs/lvis_minival
 """
 
 import argparse
@@ -23,6 +31,15 @@ from modeling_glip.modeling_glip import GLIPModel
 from processing import GLIPImageProcessor, GLIPProcessor
 from processing.image_conversion import load_rgb_image
 from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco, predict_grounding
+from processing.lvis_evaluation import (
+    LVIS_DETECTIONS_PER_CHUNK,
+    LVIS_NAMES_PER_CHUNK,
+    ChunkedVocabularyDetector,
+    DetectionCache,
+    cached_predictions,
+    load_lvis_evaluation_set,
+    run_detection,
+)
 from processing.training_data import coco_json_to_records
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
@@ -34,17 +51,55 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="BERT tokenizer folder (default: --model)")
     parser.add_argument("--annotations", required=True, help="COCO-format json (detection) or MDETR-style json (grounding)")
     parser.add_argument("--images", help="image folder the json's file_name are relative to")
-    parser.add_argument("--task", choices=("detection", "grounding"), default="detection")
+    parser.add_argument("--task", choices=("detection", "grounding", "lvis"), default="detection")
     parser.add_argument("--min_size", type=int, default=800)
     parser.add_argument("--max_size", type=int, default=1333)
     parser.add_argument("--names_per_chunk", type=int, help="class names per prompt chunk (TEST.CHUNKED_EVALUATION)")
     parser.add_argument("--threshold", type=float, default=0.05, help="candidate score threshold (INFERENCE_TH)")
-    parser.add_argument("--max_detections", type=int, default=100, help="detections per prompt chunk (DETECTIONS_PER_IMG)")
+    parser.add_argument("--max_detections", type=int, help="detections per prompt chunk (DETECTIONS_PER_IMG; default 100, lvis 300)")
+    parser.add_argument("--protocol", choices=("fixed", "standard"), default="fixed", help="lvis: Fixed AP (the paper's) or 300 per image")
+    parser.add_argument("--cache_dir", default="lvis_detections", help="lvis: folder of the per-image detections (resumable)")
     parser.add_argument("--max_images", type=int, help="evaluate the first N images only")
     parser.add_argument("--merge_boxes", action="store_true", help="grounding: 'merged' ground truth instead of 'separate'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="write the metrics JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_detections is None:
+        args.max_detections = LVIS_DETECTIONS_PER_CHUNK if args.task == "lvis" else 100
+    if args.task == "lvis" and args.names_per_chunk is None:
+        args.names_per_chunk = LVIS_NAMES_PER_CHUNK
+    return args
+
+
+def evaluate_lvis(model, processor, args) -> dict:
+    """Zero-shot LVIS: detections of every image (cached, resumable), then the lvis_detection metric."""
+    records, categories, references = load_lvis_evaluation_set(args.annotations)
+    records, references = records[: args.max_images], references[: args.max_images]
+    names = [category["name"] for category in categories]
+    settings = {
+        "model": str(Path(args.model).resolve()),
+        "min_size": args.min_size,
+        "max_size": args.max_size,
+        "names_per_chunk": args.names_per_chunk,
+        "candidate_threshold": args.threshold,
+        "max_detections": args.max_detections,
+        "categories": [[category["id"], category["name"]] for category in categories],
+    }
+    cache = DetectionCache(args.cache_dir, settings)
+    detector = ChunkedVocabularyDetector(model, processor, names, args.names_per_chunk, args.threshold, args.max_detections)
+    counts = run_detection(detector, records, [category["id"] for category in categories], cache, args.images)
+    predictions = cached_predictions(cache, [record["image_id"] for record in records], args.protocol)
+    metric = evaluate.load(str(METRICS / "lvis_detection" / "lvis_detection.py"))
+    results = metric.compute(predictions=predictions, references=references, categories=categories, protocol=args.protocol)
+    protocol = "Fixed AP (10,000 per category, no per-image cap)" if args.protocol == "fixed" else "standard AP (300 per image)"
+    skipped = counts["skipped"]
+    print(
+        f"LVIS {protocol} on {len(records)} images of {Path(args.annotations).name}: {counts['computed']} detected now, "
+        f"{counts['cached']} from {args.cache_dir}, {len(skipped)} unreadable (evaluated with no detections)"
+    )
+    for image_id, reason in list(skipped.items())[:5]:
+        print(f"  skipped image {image_id}: {reason}")
+    return {**results, "protocol": args.protocol, "images": len(records), "skipped_images": len(skipped)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -59,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         predictions = predict_coco(model, processor, records, categories, args.images, args.names_per_chunk, args.threshold, args.max_detections)
         metric = evaluate.load(str(METRICS / "coco_detection" / "coco_detection.py"))
         results = metric.compute(predictions=predictions, references=coco_references(records))
+    elif args.task == "lvis":
+        results = evaluate_lvis(model, processor, args)
     else:
         records, _ = coco_json_to_records(args.annotations)
         predictions, references = [], []

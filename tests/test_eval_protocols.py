@@ -235,3 +235,14 @@ def test_few_shot_sampler(tmp_path):
     with pytest.raises(ValueError, match=r"category ids \[9\] that `categories` does not list"):
         odinw.sample_few_shot({**data, "annotations": annotations + [{"id": 999, "image_id": 1, "category_id": 9}]}, 1, 3)
 
+
+@pytest.mark.skipif(importlib.util.find_spec("lvis") is None, reason="needs the lvis package (pip install lvis==0.5.3)")
+def test_evaluate_glip_task_lvis(tmp_path, capsys):
+    """The wiring end to end (resuming from the cache is test_lvis_set_cache_resume_and_skipped_images's)."""
+    evaluate_glip = _load("evaluate_glip", ROOT / "examples" / "evaluate_glip.py")
+    argv = ["--task", "lvis", "--model", str(CHECKPOINT), "--annotations", str(lvis_file(tmp_path)), "--images", str(tmp_path)]
+    argv += ["--cache_dir", str(tmp_path / "cache"), "--min_size", "160", "--max_size", "267", "--device", "cpu"]
+    first = evaluate_glip.main(argv)
+    assert "LVIS Fixed AP (10,000 per category, no per-image cap) on 3 images" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    assert first["protocol"] == "fixed" and first["images"] == 3 and first["skipped_images"] == 0 and "APr" in first
