@@ -13,7 +13,6 @@ time and needs canvases of at least `min_dynamic_canvas(model)` pixels (README "
 """
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modeling_glip import GLIPModel  # noqa: E402
-from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
+from modeling_glip.command_line import GLIPArgumentParser, positive_float, positive_int  # noqa: E402
 from modeling_glip.export_glip import DYNAMIC_DIMS, EXPORT_OUTPUT_NAMES, export_inputs, export_onnx, min_dynamic_canvas, run_onnx  # noqa: E402
 from processing import GLIPProcessor, load_rgb_image  # noqa: E402
 
@@ -59,26 +58,6 @@ def name(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("a label name must not be empty")
     return value
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
-    return number
 
 
 def parse_args(argv=None) -> argparse.Namespace:

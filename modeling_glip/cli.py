@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from processing import load_rgb_image, post_processing_limits
 
-from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor
+from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor, positive_int
 
 # the bundled demo checkpoint: the repository's checkpoints/glip-demo (source checkout, `pip install -e .`), or the copy
 # that `pip install .` installs as package data (setup.py maps it to modeling_glip/glip_demo)
@@ -70,16 +70,6 @@ def _fraction(include_one: bool) -> Callable[[str], float]:
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def default_model() -> Path:
     """The bundled demo checkpoint's folder (the first of `DEMO_CHECKPOINTS` that exists, else the first)."""
     return next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), DEMO_CHECKPOINTS[0])
@@ -101,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction(False),
         help="GLIP's candidate threshold on the label probability before centerness (INFERENCE_TH; default: the model config's)",
     )
-    parser.add_argument("--top_k", type=_positive_int, default=None, help="keep at most this many detections per image")
+    parser.add_argument("--top_k", type=positive_int, default=None, help="keep at most this many detections per image")
     parser.add_argument("--output_dir", default="detections", help="where detections.json, detections_info.json and the annotated PNGs go")
-    parser.add_argument("--min_size", type=_positive_int, help="resize the short side to this (default: the checkpoint processor's)")
-    parser.add_argument("--max_size", type=_positive_int, help="cap on the resized long side (default: the checkpoint processor's)")
+    parser.add_argument("--min_size", type=positive_int, help="resize the short side to this (default: the checkpoint processor's)")
+    parser.add_argument("--max_size", type=positive_int, help="cap on the resized long side (default: the checkpoint processor's)")
     return parser
 
 

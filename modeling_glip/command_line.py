@@ -6,6 +6,7 @@ spelling of every flag (`--output-dir`, `--top-k`) is accepted as the same flag.
 """
 
 import argparse
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -90,6 +91,28 @@ def checked_model_path(name_or_path: str, flag: str) -> str:
     if hub_constants.HF_HUB_OFFLINE and not cached:
         raise ValueError(f"{missing}, and the Hub repo {name_or_path!r} is not in the local cache (HF_HUB_OFFLINE=1)")
     return name_or_path
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` of a count or size: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse `type=` of a tolerance or scale: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 class ResolutionError(ValueError):

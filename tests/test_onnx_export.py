@@ -64,8 +64,8 @@ def test_script_exports_and_matches_eager(tiny_glip_checkpoint, tmp_path, capsys
     [
         (["--checkpoint", "/nonexistent"], "--checkpoint: '/nonexistent' is not a saved GLIP checkpoint folder"),
         (["--dynamic", "height"], "--dynamic: invalid choice: 'height'"),
-        (["--threads", "0"], "--threads: expected a positive integer, got '0'"),
-        (["--atol", "nan"], "--atol: expected a positive finite number, got 'nan'"),
+        (["--threads", "0"], "--threads: must be >= 1, got 0"),
+        (["--atol", "nan"], "--atol: must be a finite number > 0, got nan"),
         (["--names", " "], "--names: a label name must not be empty"),
         (["--image", "/nonexistent.png"], "--image: no image file at '/nonexistent.png'"),
         (["--output_dir", __file__], "--output_dir: .* exists and is not an empty folder"),
