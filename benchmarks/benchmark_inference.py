@@ -150,11 +150,11 @@ def backend_forward(model, inputs, args):
 
         from modeling_glip.export_glip import export_inputs, export_onnx, run_onnx
 
-        folder = tempfile.mkdtemp(prefix="glip-benchmark-onnx-")
-        path = export_onnx(model, inputs, Path(folder) / "model.onnx", dynamic=())
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = args.threads
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="glip-benchmark-onnx-") as folder:  # the session holds the graph in memory
+            path = export_onnx(model, inputs, Path(folder) / "model.onnx", dynamic=())
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = export_inputs(inputs)
         return (lambda: run_onnx(session, feed)), time.perf_counter() - start
     return (lambda: model(**model_inputs(inputs))), 0.0

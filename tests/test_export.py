@@ -71,7 +71,7 @@ def test_static_export(glip):
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["swin", "timm"])
 def test_dynamic_image_size(glip, backbone, tmp_path):
-    """Swin: ~6 min (height and width dynamic) on 2 cores; a timm ResNet backbone: ~2.5 min."""
+    """Export with height and width dynamic: Swin over 10 min on 2 cores (its window padding), a timm ResNet ~2.5 min."""
     model, processor = glip
     if backbone == "timm":
         config = copy.deepcopy(model.config)
