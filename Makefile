@@ -30,11 +30,11 @@ app-venv: $(VENV)/.app-installed
 
 # the fast suite (what CI runs): every test except those marked `slow` (each slow test has a fast one covering the same behaviour)
 test: app-venv
-	$(OFFLINE) $(NO_ANALYTICS) $(PY) -m pytest -q -m "not slow" tests
+	$(OFFLINE) $(NO_ANALYTICS) $(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # every test, the slow ones included
 test-all: app-venv
-	$(OFFLINE) $(NO_ANALYTICS) $(PY) -m pytest -q tests
+	$(OFFLINE) $(NO_ANALYTICS) $(PY) -m pytest -q -n 2 tests
 
 # zero-shot detection with the bundled checkpoint (checkpoints/glip-demo) on the bundled scene; writes outputs/demo/
 demo: venv

@@ -41,6 +41,8 @@ setup(
             "onnxscript>=0.7.2",
             "onnxruntime>=1.32.0",
             "pytest-timeout>=2",
+            # `make test` runs the suite on two workers (-n 2): the many subprocess / import-bound tests overlap
+            "pytest-xdist>=3.5",
             # the browser test of glip-app (tests/test_app.py) drives Debian's chromium + chromium-driver
             "selenium>=4.20",
             # real bert-base-uncased vocab + MiniLM weights, offline (installed --no-deps by the Makefile)
