@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results = evaluate_lvis(model, processor, args, limits)
     else:
         records, _ = coco_json_to_records(args.annotations)
-        predictions, references = [], []
+        predictions, references, without_phrases = [], [], []
         for record in records[: args.max_images]:
             if not record.get("caption"):
                 raise ValueError(f"image {record['image_id']} has no caption: not a grounding annotation file")
@@ -166,7 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 x, y, w, h = annotation["bbox"]
                 for start, end in annotation.get("tokens_positive") or []:
                     phrase_boxes.setdefault((int(start), int(end)), []).append([x, y, x + w, y + h])
-            if not phrase_boxes:
+            if not phrase_boxes:  # nothing to ground: counted and named, not scored
+                without_phrases.append(record["image_id"])
                 continue
             spans = sorted(phrase_boxes)
             path = Path(args.images) / record["file_name"] if args.images else Path(record["file_name"])
@@ -175,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             references += [{"boxes": phrase_boxes[span]} for span in spans]
         metric = evaluate.load(str(METRICS / "grounding_recall" / "grounding_recall.py"))
         results = metric.compute(predictions=predictions, references=references, merge_boxes=args.merge_boxes)
+        results["images_without_phrases"] = len(without_phrases)
+        if without_phrases:
+            print(f"{len(without_phrases)} images have no box grounded to a phrase and are not scored: {without_phrases[:10]}")
     print(metrics_table([(Path(args.annotations).name, results)], "annotations"))
     print(json.dumps(results, indent=1))
     if args.output:

@@ -147,10 +147,12 @@ def test_evaluate_script_detection_and_grounding(saved_model):
     results = script.main(common + ["--annotations", str(saved_model / "val.json"), "--names_per_chunk", "2", "--output", str(saved_model / "m.json")])
     assert set(results) >= {"mAP", "mAP_50", "mAR_100"} and json.loads((saved_model / "m.json").read_text()) == results
     record = grounding_record("val_0.png", "a red square and a blue square", [("red square", (1, 1, 20, 20)), ("blue square", (30, 30, 20, 20))])
-    mdetr = {"images": [{"id": 1, **{k: record[k] for k in ("file_name", "width", "height", "caption")}}],
+    unboxed = {"id": 2, **{k: record[k] for k in ("file_name", "width", "height")}, "caption": "nothing to ground"}
+    mdetr = {"images": [{"id": 1, **{k: record[k] for k in ("file_name", "width", "height", "caption")}}, unboxed],
              "annotations": [{"id": i + 1, "image_id": 1, **a} for i, a in enumerate(record["annotations"])]}
     (saved_model / "grounding.json").write_text(json.dumps(mdetr))
     results = script.main(common + ["--annotations", str(saved_model / "grounding.json"), "--task", "grounding"])
+    assert results["images_without_phrases"] == 1  # counted, not silently dropped
     assert results["num_phrases"] == 2 and 0.0 <= results["recall@1"] <= results["recall@5"] <= results["recall@10"] <= 1.0
 
 
