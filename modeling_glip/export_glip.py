@@ -73,7 +73,7 @@ def min_dynamic_canvas(model: nn.Module, size_divisibility: int = 32) -> int:
 
     Two sizes are special-cased by the traced code and cannot stay symbolic: a P7 level (stride 128) of one cell
     (torch.export specialises sizes 0 / 1), and, for a Swin backbone, a stride-32 stage of at most one window per side
-    (transformers' Swin then shrinks its window and drops the shift). Smaller images must be padded up to this canvas
+    (its window count along that side is then 1, specialised the same way). Smaller images must be padded up to this canvas
     (`GLIPProcessor(..., pad_size=...)`).
     """
     window = getattr(model.config.backbone_config, "window_size", 0) or 0
