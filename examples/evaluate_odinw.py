@@ -27,8 +27,6 @@ evaluations").
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -39,6 +37,7 @@ from transformers import AutoProcessor
 
 from modeling_glip.modeling_glip import GLIPModel
 from processing import post_processing_limits
+from processing.atomic_files import write_atomically
 from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
@@ -170,14 +169,7 @@ def sample_few_shot(data: dict, shots: int, seed: int) -> dict:
 
 def write_json_atomically(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomically(path, lambda stream: stream.write(json.dumps(data).encode()))
 
 
 def write_few_shot_sets(annotations: str, output_dir: str, shots: Sequence[int], seeds: Sequence[int]) -> List[dict]:

@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Tuple, Union
 from PIL import Image
 
 from processing import load_rgb_image, post_processing_limits
+from processing.atomic_files import write_atomically
 from processing.post_processing_glip import check_fraction, check_integer
 
 from .command_line import GLIPArgumentParser, checked_model_path
@@ -43,7 +44,6 @@ from .cli import (
     detect,
     image_record,
     load_model,
-    write_atomically,
     write_reports,
 )
 

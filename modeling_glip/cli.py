@@ -25,7 +25,6 @@ The prompt, model loading, detection, annotation and report pieces are shared wi
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from processing import load_rgb_image, post_processing_limits
+from processing.atomic_files import write_atomically
 
 from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor, positive_int
 
@@ -208,17 +208,6 @@ def annotated_names(paths: Sequence[str]) -> List[str]:
         return [f"{stem}_detections.png" for stem in stems]
     width = len(str(len(paths) - 1))
     return [f"{index:0{width}d}_{stem}_detections.png" for index, stem in enumerate(stems)]
-
-
-def write_atomically(path: Path, write: Callable[[object], None]) -> None:
-    """`write(binary file)` into a temporary file beside `path`, then rename it over `path` (never a partial file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def coco_results(image_id: int, detections: dict) -> List[dict]:

@@ -10,15 +10,14 @@ config/defaults.py), test size 800 / 1333 (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST o
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic_files import write_atomically
 from .image_conversion import load_rgb_image
 
 LVIS_NAMES_PER_CHUNK = 40
@@ -145,17 +144,7 @@ class DetectionCache:
                 details = "; ".join(f"{key}: cached {saved.get(key)!r}, now {settings.get(key)!r}" for key in changed[:5])
                 raise ValueError(f"detection cache {self.folder} was written with other settings ({details}): use another folder")
         else:
-            self._write_atomically(path, lambda temporary: Path(temporary).write_text(json.dumps(settings, indent=1)))
-
-    def _write_atomically(self, path: Path, write: Callable[[str], None]) -> None:
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            write(temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+            write_atomically(path, lambda stream: stream.write(json.dumps(settings, indent=1).encode()))
 
     def path(self, image_id: int) -> Path:
         return self.folder / f"{int(image_id)}.safetensors"
@@ -165,7 +154,7 @@ class DetectionCache:
 
     def put(self, image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
         tensors = {"boxes": boxes.float().reshape(-1, 4).contiguous(), "scores": scores.float().contiguous(), "labels": labels.long().contiguous()}
-        self._write_atomically(self.path(image_id), lambda temporary: save_file(tensors, temporary))
+        write_atomically(self.path(image_id), lambda stream: stream.write(save(tensors)))
 
     def get(self, image_id: int) -> dict:
         """-> {"boxes", "scores", "labels"} tensors of a cached image (ValueError naming the file if it is damaged)."""
@@ -257,7 +246,6 @@ def _top_per_category(kept: List[Tuple[int, dict]], limit: int) -> List[Tuple[in
     """Keep, per category, the `limit` best detections over all images (ties: earlier images first)."""
     if not kept:
         return kept
-    image_index = torch.cat([torch.full((len(t["scores"]),), i, dtype=torch.long) for i, (_, t) in enumerate(kept)])
     scores = torch.cat([t["scores"] for _, t in kept])
     labels = torch.cat([t["labels"] for _, t in kept])
     keep = torch.zeros(len(scores), dtype=torch.bool)
