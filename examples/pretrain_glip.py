@@ -78,6 +78,7 @@ from processing.train_transforms import GLIP_FLIP_PROB, GLIP_TRAIN_MAX_SIZE, GLI
 from processing.training_data import (
     GLIP_RANDOM_SAMPLE_NEG,
     INCOMPLETE_LAST_BATCH,
+    UNNAMED_IN_PROMPT,
     GLIPTrainingCollator,
     IndexedDataset,
     IndexedIterableDataset,
@@ -142,6 +143,7 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(data, "--categories", help="COCO json whose `categories` name the detection labels (default: the train json's)")
     add(data, "--streaming", action="store_true", help="stream .jsonl shards instead of loading them")
     add(data, "--max_negatives", type=int, default=GLIP_RANDOM_SAMPLE_NEG, help="sampled negative classes per prompt; -1: every class")
+    add(data, "--partial_positive_prob", type=float, default=0.0, help="probability that a detection prompt names only some of the image's classes (the others are background; not in the original: 0)")
     add(data, "--shuffle_classes", dest="shuffle_classes", action="store_true", default=True, help="shuffle the classes of detection prompts")
     add(data, "--no_shuffle_classes", dest="shuffle_classes", action="store_false", default=True, help="keep class-id order in detection prompts")
     add(data, "--min_sizes", type=int, nargs="+", help=f"short sides of the multi-scale training resize (AUGMENT.MULT_MIN_SIZE_TRAIN; default: {' '.join(map(str, GLIP_TRAIN_MIN_SIZES))}, or x0.6 .. x1.0 of the --model_name_or_path processor's min_size)")
@@ -216,6 +218,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
             parser.error(f"--{name} must be a finite number >= 0, got {value}")
     if not 0 <= args.ema_decay < 1 or not 0 <= args.flip_prob <= 1:
         parser.error(f"--ema_decay must be in [0, 1) and --flip_prob in [0, 1], got {args.ema_decay} and {args.flip_prob}")
+    if not 0 <= args.partial_positive_prob <= 1:
+        parser.error(f"--partial_positive_prob must be in [0, 1], got {args.partial_positive_prob}")
     return args
 
 
@@ -418,6 +422,7 @@ def build_train_loader(args, processor: GLIPProcessor, num_processes: int):
         transform=transform,
         max_negatives=None if args.max_negatives < 0 else args.max_negatives,
         shuffle_classes=args.shuffle_classes,
+        partial_positive_prob=args.partial_positive_prob,
         seed=args.seed,
     )
     if categories:
@@ -856,9 +861,10 @@ def train(args: argparse.Namespace):
                 means.update({f"skipped_{reason}": count for reason, count in totals.items()})
                 means["nonfinite_steps_skipped"] = state["nonfinite_steps_skipped"]
                 accelerator.log(means, step=step)
-                if totals != logged_skips:  # one aggregated line, not one per sample
-                    logger.warning(f"step {step}: skipped so far, by reason: {dict(sorted(totals.items()))}")
-                    logged_skips = totals
+                problems = Counter({reason: count for reason, count in totals.items() if reason != UNNAMED_IN_PROMPT})  # not a data problem
+                if problems != logged_skips:  # one aggregated line, not one per sample
+                    logger.warning(f"step {step}: skipped so far, by reason: {dict(sorted(problems.items()))}")
+                    logged_skips = problems
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 running.clear()
             if args.eval_annotations and args.eval_steps and step % args.eval_steps == 0:

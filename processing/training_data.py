@@ -33,7 +33,7 @@ import random
 from collections import Counter
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import PIL.Image
 import torch
@@ -369,6 +369,13 @@ class DetectionPromptSampler:
     `max_negatives=None` puts every class in every prompt (the fine-tuning path, `convert_od_to_grounding_simple`),
     still within the token budget. `shuffle=False` keeps class-id order (DATASETS.DISABLE_SHUFFLE).
     Deviation: the original may also draw its "__background__" entry as a negative; there is none here.
+
+    Addition (not in the original; 0, the default, draws exactly the original's prompts): with probability
+    `partial_positive_prob` the prompt names only the first k of the shuffled positives, k uniform in 1..n, before the
+    token budget; the others are `unnamed` (never drawn as negatives, their boxes removed by the caller, so they are
+    background). Detection prompts otherwise name every object in the image, so a model trained only on them scores
+    any object high against a prompt of one unrelated name (the one-name-per-forward prompts of transformers' stock
+    pipeline); GLIP's web-scale grounding captions, which rarely name every object, teach the same thing.
     """
 
     def __init__(
@@ -380,11 +387,14 @@ class DetectionPromptSampler:
         full_negative_prob: float = GLIP_FULL_NEGATIVE_PROB,
         max_text_len: int = 256,
         separator: str = DEFAULT_SEPARATOR,
+        partial_positive_prob: float = 0.0,
     ):
         if max_negatives is not None and max_negatives < 0:
             raise ValueError(f"max_negatives must be >= 0 or None (all classes), got {max_negatives}")
-        if not 0.0 <= full_negative_prob <= 1.0:
-            raise ValueError(f"full_negative_prob must be in [0, 1], got {full_negative_prob}")
+        for name, value in (("full_negative_prob", full_negative_prob), ("partial_positive_prob", partial_positive_prob)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        self.partial_positive_prob = partial_positive_prob
         self.cleaned = clean_class_names(list(class_names))
         self.max_negatives = max_negatives
         self.shuffle = shuffle
@@ -398,12 +408,17 @@ class DetectionPromptSampler:
     def num_classes(self) -> int:
         return len(self.cleaned)
 
-    def sample(self, positive_labels: Sequence[int], rng: random.Random) -> List[int]:
-        """Contiguous labels of the prompt, in prompt order."""
+    def sample(self, positive_labels: Sequence[int], rng: random.Random) -> Tuple[List[int], Set[int]]:
+        """-> (contiguous labels of the prompt in prompt order, the positives left `unnamed` on purpose)."""
         positive_set = set(positive_labels)
         positives = sorted(positive_set)
         if self.shuffle:
             rng.shuffle(positives)
+        unnamed: Set[int] = set()
+        if self.partial_positive_prob and rng.random() < self.partial_positive_prob:  # no draw at 0: the original's stream
+            named = rng.sample(positives, rng.randint(1, len(positives))) if positives else []
+            unnamed = positive_set.difference(named)
+            positives = [label for label in positives if label not in unnamed]
         kept, length = [], 0
         for label in positives:
             length += self.token_counts[label]  # counted before the check: an overflow leaves no room for negatives
@@ -432,7 +447,7 @@ class DetectionPromptSampler:
             rng.shuffle(labels)
         else:
             labels.sort()
-        return labels
+        return labels, unnamed
 
     def prompt(self, labels: Sequence[int]) -> Prompt:
         return build_detection_prompt([self.cleaned[label] for label in labels], self.separator)
@@ -448,6 +463,7 @@ class SkippedSample(Exception):
 
 # counter key of the records dropped with the incomplete last batch of a stream
 INCOMPLETE_LAST_BATCH = "incomplete_last_batch"
+UNNAMED_IN_PROMPT = "unnamed_in_prompt"  # boxes left out of a partial prompt on purpose (`partial_positive_prob`)
 
 
 def is_empty_batch(batch: dict) -> bool:
@@ -482,7 +498,8 @@ class GLIPTrainingCollator:
     `corrupt_image` (missing or unreadable), `size_mismatch` (the file's size differs from the record's),
     `unusable_image_size` (too elongated for the transform), `invalid_caption` (empty, or its prompt does not
     tokenize), `no_valid_boxes`. Dropped boxes: `invalid_box` (not 4 numbers, non-finite, w or h <= 0, empty after
-    clipping, unknown category, missing or invalid spans), `dropped_for_prompt_length`. Records dropped with the
+    clipping, unknown category, missing or invalid spans), `dropped_for_prompt_length`, `unnamed_in_prompt` (the
+    object's class left out of a partial prompt on purpose: background, `partial_positive_prob`). Records dropped with the
     incomplete last batch of a stream: `incomplete_last_batch`. Everything is counted in the batch's `skipped` and in
     `self.skipped` (per process / worker); the first `WARNINGS_PER_REASON` samples of each reason are logged.
 
@@ -493,7 +510,7 @@ class GLIPTrainingCollator:
         image_root: folder that `file_name`s are relative to (default: the current directory); images outside it are
             refused.
         transform: the training transform (default: GLIP's multi-scale 480-800 / 1333 and flip 0.5).
-        max_negatives, shuffle_classes, full_negative_prob: see `DetectionPromptSampler`.
+        max_negatives, shuffle_classes, full_negative_prob, partial_positive_prob: see `DetectionPromptSampler`.
         seed: base seed of the per-sample augmentation (`sample_rng`).
     """
 
@@ -507,6 +524,7 @@ class GLIPTrainingCollator:
         max_negatives: Optional[int] = GLIP_RANDOM_SAMPLE_NEG,
         shuffle_classes: bool = True,
         full_negative_prob: float = GLIP_FULL_NEGATIVE_PROB,
+        partial_positive_prob: float = 0.0,
         seed: int = 0,
     ):
         self.processor = processor
@@ -517,7 +535,14 @@ class GLIPTrainingCollator:
         self.category_to_label: Dict[int, int] = {}
         if class_names is not None:
             self.sampler = DetectionPromptSampler(
-                class_names, processor.tokenizer, max_negatives, shuffle_classes, full_negative_prob, processor.max_text_len, processor.separator
+                class_names,
+                processor.tokenizer,
+                max_negatives,
+                shuffle_classes,
+                full_negative_prob,
+                processor.max_text_len,
+                processor.separator,
+                partial_positive_prob,
             )
             ids = list(category_ids) if category_ids is not None else list(range(len(class_names)))
             if len(ids) != len(class_names) or len(set(ids)) != len(ids):
@@ -612,11 +637,12 @@ class GLIPTrainingCollator:
             box_rows = [[span_row[span] for span in target] for target in targets]
             text, phrase_spans = caption, new_spans
         else:
-            labels = self.sampler.sample(sorted(set(targets)), rng)
+            labels, unnamed = self.sampler.sample(sorted(set(targets)), rng)
             label_row = {label: row for row, label in enumerate(labels)}
             kept = torch.tensor([target in label_row for target in targets], dtype=torch.bool)
-            if not bool(kept.all()):
-                counts["dropped_for_prompt_length"] += int((~kept).sum())
+            for target in targets:
+                if target not in label_row:
+                    counts[UNNAMED_IN_PROMPT if target in unnamed else "dropped_for_prompt_length"] += 1
             boxes = boxes[kept]
             box_rows = [[label_row[target]] for target in targets if target in label_row]
             prompt = self.sampler.prompt(labels)

@@ -146,23 +146,64 @@ def test_negative_sampling(processor):
     positives = [3, 17, 150]
     counts = set()
     for seed in range(40):
-        labels = sampler.sample(positives, random.Random(seed))
+        labels, unnamed = sampler.sample(positives, random.Random(seed))
+        assert unnamed == set()
         assert set(positives) <= set(labels) and len(set(labels)) == len(labels)
         counts.add(len(labels) - len(positives))
         encoded = processor(text=sampler.prompt(labels).text, phrase_spans=list(sampler.prompt(labels).spans))
         assert encoded["input_ids"].shape[1] <= 256  # the token budget holds with many negatives
     assert min(counts) >= 1 and max(counts) <= 85 and len(counts) > 5  # between 1 and 85 negatives, varying
-    first = [sampler.sample(positives, random.Random(seed)) for seed in range(3)]
+    first = [sampler.sample(positives, random.Random(seed))[0] for seed in range(3)]
     assert len({tuple(labels) for labels in first}) == 3  # shuffled differently
     # every class, in id order: the fine-tuning prompt
     ordered = DetectionPromptSampler(names[:5], processor.tokenizer, max_negatives=None, shuffle=False)
-    assert ordered.sample([2], random.Random(0)) == [0, 1, 2, 3, 4]
+    assert ordered.sample([2], random.Random(0))[0] == [0, 1, 2, 3, 4]
     # positives that do not fit are dropped and leave no room for negatives (check_for_positive_overflow)
     long_names = [" ".join(["word"] * 60) + f" {i}" for i in range(6)]
     crowded = DetectionPromptSampler(long_names, processor.tokenizer, max_negatives=85)
-    assert len(crowded.sample(range(6), random.Random(0))) == 4
+    assert len(crowded.sample(range(6), random.Random(0))[0]) == 4
     with pytest.raises(ValueError, match="max_negatives"):
         DetectionPromptSampler(names, processor.tokenizer, max_negatives=-2)
+
+
+def test_partial_prompts_leave_named_positives_out_on_purpose(processor):
+    names = [f"class{i} thing" for i in range(20)]
+    positives = [1, 4, 7, 9]
+    default = DetectionPromptSampler(names, processor.tokenizer, max_negatives=3)
+    off = DetectionPromptSampler(names, processor.tokenizer, max_negatives=3, partial_positive_prob=0.0)
+    assert [default.sample(positives, random.Random(s)) for s in range(10)] == [off.sample(positives, random.Random(s)) for s in range(10)]
+    partial = DetectionPromptSampler(names, processor.tokenizer, max_negatives=3, partial_positive_prob=1.0)
+    sizes = set()
+    for seed in range(60):
+        labels, unnamed = partial.sample(positives, random.Random(seed))
+        named = set(labels) & set(positives)
+        assert named and named | unnamed == set(positives) and not named & unnamed
+        assert not unnamed & set(labels)  # an unnamed positive is never drawn back as a negative
+        sizes.add(len(named))
+    assert sizes == {1, 2, 3, 4}
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="partial_positive_prob"):
+            DetectionPromptSampler(names, processor.tokenizer, partial_positive_prob=bad)
+
+
+def test_partial_prompts_turn_unnamed_objects_into_background_and_count_them(processor, detection_set):
+    root, annotations = detection_set
+    records, categories = coco_json_to_records(annotations)
+    collator = GLIPTrainingCollator.from_categories(
+        processor, categories, image_root=root, transform=GLIPTrainTransform((64,), 64, 0.0), max_negatives=0, partial_positive_prob=1.0
+    )
+    name_of = {category["id"]: category["name"] for category in categories}
+    unnamed = total = kept = 0
+    for epoch in range(4):
+        batch = collate(collator, records, epoch)
+        unnamed += batch["skipped"]["unnamed_in_prompt"]
+        for record, labels, ids in zip(records, batch["labels"], batch["input_ids"]):
+            prompt = processor.tokenizer.decode(ids, skip_special_tokens=True)
+            named = [a for a in record["annotations"] if name_of[a["category_id"]] in prompt]
+            assert named and labels["boxes"].shape[0] == len(named)
+            total += len(record["annotations"])
+            kept += len(named)
+    assert unnamed > 0 and unnamed == total - kept  # every object left out is counted
 
 
 def test_per_sample_randomness_depends_on_seed_epoch_index():
