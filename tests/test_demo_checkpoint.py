@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, pipeline
 
 import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
@@ -133,33 +132,15 @@ def test_loads_in_float32_through_auto_classes(model):
     assert inputs["input_ids"].shape[0] == 1 and 100 < inputs["input_ids"].shape[1] < 256
 
 
-def _fresh_scene(index: int):
-    """A scene that no split of the default seed contains (its own generator seed), of seen combinations."""
-    return shapes.render_scene(shapes.sample_scene(np.random.default_rng([20260, index])))
-
-
-def _found(detections, annotation, threshold=0.3) -> bool:
-    """The object has a detection of its own name with IoU > 0.5 and score >= threshold, and that is the best-scoring
-    detection overlapping it (no more confident wrong name on top of it)."""
-    x, y, w, h = annotation["bbox"]
-    target = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
-    overlapping = []
-    for detection in detections:
-        box = torch.tensor([[detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]], dtype=torch.float32)
-        if box_iou(target, box).item() > 0.5 and detection["score"] >= threshold:
-            overlapping.append(detection)
-    return bool(overlapping) and max(overlapping, key=lambda d: d["score"])["label"] == annotation["name"]
-
-
 SEEN_LABELS = [shapes.category_name(*combination) for combination in shapes.SEEN_COMBINATIONS]
 
 
 def test_one_pass_pipeline_finds_each_object_of_a_fresh_scene(one_pass):
-    image, annotations = _fresh_scene(1)  # four shapes: purple cross, purple star, purple ring, yellow diamond
+    image, annotations = demo.fresh_scene(1)  # four shapes: purple cross, purple star, purple ring, yellow diamond
     assert len(annotations) == 4
     detections = one_pass(image, candidate_labels=SEEN_LABELS)
     for annotation in annotations:
-        assert _found(detections, annotation), (annotation, detections)
+        assert demo.named_first(detections, annotation), (annotation, detections)
 
 
 def test_one_pass_pipeline_names_most_objects_of_fresh_scenes(one_pass):
@@ -167,9 +148,9 @@ def test_one_pass_pipeline_names_most_objects_of_fresh_scenes(one_pass):
     fresh scenes (51 objects) at least 65% must (the shipped checkpoint: 38 / 51; 74 / 99 over 40 scenes)."""
     found = total = 0
     for index in range(20):
-        image, annotations = _fresh_scene(index)
+        image, annotations = demo.fresh_scene(index)
         detections = one_pass(image, candidate_labels=SEEN_LABELS)
-        found += sum(_found(detections, annotation) for annotation in annotations)
+        found += sum(demo.named_first(detections, annotation) for annotation in annotations)
         total += len(annotations)
     assert total == 51 and found / total >= 0.65, f"{found} / {total}"
 

@@ -49,7 +49,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
-from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
+from modeling_glip.command_line import GLIPArgumentParser, positive_int  # noqa: E402
 from modeling_glip.configuration_glip import GLIPConfig, swin_backbone_config  # noqa: E402
 
 PACKAGES = ("modeling_glip", "processing")  # whose modules a saved checkpoint carries for remote code
@@ -281,6 +281,107 @@ def scene(args):
     print(f"wrote {args.output}: {[(a['name'], a['bbox']) for a in annotations]}; labels: {demo_labels()}")
 
 
+# -- the model card's demo measurements ------------------------------------------------------------------------------
+FRESH_SCENE_SEED = 20260  # fresh scene i: generator seed [20260, i], seen combinations; no benchmark split draws it
+OVERLAP_IOU = 0.5
+
+
+def fresh_scene(index: int):
+    """(image, annotations) of fresh scene `index`: seen colour-shape combinations, a seed no split of the benchmark uses."""
+    shapes = synthetic_shapes()
+    return shapes.render_scene(shapes.sample_scene(np.random.default_rng([FRESH_SCENE_SEED, index])))
+
+
+def _xyxy(annotation: dict) -> torch.Tensor:
+    x, y, w, h = annotation["bbox"]
+    return torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
+
+
+def overlapping(detections: Sequence[dict], annotation: dict, threshold: float = 0.0) -> List[dict]:
+    """The pipeline detections ({"score", "label", "box"}) with IoU > 0.5 on the annotated object and score >= threshold."""
+    from torchvision.ops import box_iou
+
+    target = _xyxy(annotation)
+    return [
+        detection
+        for detection in detections
+        if detection["score"] >= threshold
+        and box_iou(target, torch.tensor([[detection["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]], dtype=torch.float32)).item() > OVERLAP_IOU
+    ]
+
+
+def named_first(detections: Sequence[dict], annotation: dict, threshold: float = 0.3) -> bool:
+    """The object's best-scoring overlapping detection (score >= threshold) carries its own name."""
+    found = overlapping(detections, annotation, threshold)
+    return bool(found) and max(found, key=lambda detection: detection["score"])["label"] == annotation["name"]
+
+
+def word_sharing_names(annotation: dict) -> dict:
+    """Two wrong names of one object: its colour with the next shape, its shape with the next colour (of all 48)."""
+    shapes = synthetic_shapes()
+    colors = list(shapes.COLORS)
+    next_shape = shapes.SHAPES[(shapes.SHAPES.index(annotation["shape"]) + 1) % len(shapes.SHAPES)]
+    next_color = colors[(colors.index(annotation["color"]) + 1) % len(colors)]
+    return {"same_color": shapes.category_name(annotation["color"], next_shape), "same_shape": shapes.category_name(next_color, annotation["shape"])}
+
+
+def demo_measurements(model_path: str, num_scenes: int = 40) -> dict:
+    """What the model card reports besides mAP, on `num_scenes` fresh scenes:
+
+    - `named_first`: objects whose best-scoring detection (>= 0.3, IoU > 0.5) has the right name, prompt: the 38 seen
+      names in one forward (`GLIPZeroShotObjectDetectionPipeline`);
+    - single-name prompts through transformers' stock pipeline (one forward per name, the name alone): per object the
+      best score of an overlapping detection for its own name, for a wrong name sharing its colour and for one
+      sharing its shape (0 when nothing overlaps).
+    """
+    from transformers import pipeline
+
+    import modeling_glip  # noqa: F401  (registers GLIP with the Auto classes)
+    from processing import GLIPZeroShotObjectDetectionPipeline
+
+    shapes = synthetic_shapes()
+    seen = [shapes.category_name(*combination) for combination in shapes.SEEN_COMBINATIONS]
+    one_pass = pipeline("zero-shot-object-detection", model=model_path, pipeline_class=GLIPZeroShotObjectDetectionPipeline)
+    stock = pipeline("zero-shot-object-detection", model=model_path)
+    named = total = 0
+    single = {"right": [], "same_color": [], "same_shape": []}
+    for index in range(num_scenes):
+        image, annotations = fresh_scene(index)
+        detections = one_pass(image, candidate_labels=seen)
+        named += sum(named_first(detections, annotation) for annotation in annotations)
+        total += len(annotations)
+        for annotation in annotations:
+            for kind, name in {"right": annotation["name"], **word_sharing_names(annotation)}.items():
+                found = overlapping(stock(image, candidate_labels=[name], threshold=0.0), annotation)
+                single[kind].append(max((detection["score"] for detection in found), default=0.0))
+    right = np.asarray(single["right"])
+    summary = {"scenes": num_scenes, "objects": total, "named_first": named, "named_first_rate": named / total}
+    for kind, scores in single.items():
+        summary[f"single_name_{kind}_median"] = float(np.median(scores))
+    summary["single_name_right_at_least_0.5"] = float(np.mean(right >= 0.5))
+    summary["single_name_right_above_both_wrong"] = float(np.mean((right > np.asarray(single["same_color"])) & (right > np.asarray(single["same_shape"]))))
+    return summary
+
+
+def evaluate(args):
+    summary = demo_measurements(args.model, args.scenes)
+    print(f"{args.model}: on {summary['scenes']} fresh scenes ({summary['objects']} objects)")
+    print(f"  named first (38 seen names, one forward): {summary['named_first']} / {summary['objects']} = {summary['named_first_rate']:.1%}")
+    print("  single-name prompts (stock pipeline), median best overlapping score:")
+    print(
+        f"    right name {summary['single_name_right_median']:.2f}, wrong name sharing the colour {summary['single_name_same_color_median']:.2f},"
+        f" sharing the shape {summary['single_name_same_shape_median']:.2f}"
+    )
+    print(
+        f"  right name >= 0.5: {summary['single_name_right_at_least_0.5']:.1%};"
+        f" right name above both wrong names: {summary['single_name_right_above_both_wrong']:.1%}"
+    )
+    if args.output:
+        from processing.atomic_files import write_atomically
+
+        write_atomically(args.output, lambda stream: stream.write((json.dumps(summary, indent=1) + "\n").encode()))
+
+
 def main(argv: Optional[Sequence[str]] = None):
     parser = GLIPArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +407,11 @@ def main(argv: Optional[Sequence[str]] = None):
     app_parser = commands.add_parser("app-scenes", help="render the extra example images of glip-app")
     app_parser.add_argument("--output", default=str(REPO_ROOT / "examples" / "app"))
     app_parser.set_defaults(run=app_scenes)
+    evaluate_parser = commands.add_parser("evaluate", help="the model card's fresh-scene and single-name measurements")
+    evaluate_parser.add_argument("--model", default=str(REPO_ROOT / "checkpoints" / "glip-demo"), help="a GLIP model folder")
+    evaluate_parser.add_argument("--scenes", type=positive_int, default=40, help="fresh scenes to measure on")
+    evaluate_parser.add_argument("--output", help="also write the numbers to this JSON file")
+    evaluate_parser.set_defaults(run=evaluate)
     args = parser.parse_args(argv)
     args.run(args)
 
