@@ -14,6 +14,9 @@ c. speed: the GLIP-T size (`GLIPConfig.glip_t()`, random weights) on 800x1333 im
    COCO names, images/s of the forward (and of forward + post-processing) at batch 1, 4 and 8, fp32 / bf16 / fp16,
    eager, and torch.compile where the time budget allows; peak device memory.
 d. training: one GLIP-T training step (forward + backward + AdamW) in bf16 autocast at batch 2: time and memory.
+e. forms: the two forms of the modulated deformable convolution (`GLIPConfig.deformable_conv_implementation`:
+   embedding_bag and torchvision) on GLIP-T's largest DyConv input (256 channels, the 100x168 P3 map, batch 1 and
+   8): milliseconds per call, their max difference, and whether "auto" picks the faster one on this device.
 
 `--smoke` swaps the GLIP-T size for the tiny test configuration, 96x128 images and batch sizes 1 and 2, so that every
 path runs in seconds on a CPU. A section that fails is reported in its row (the error) and the others still run; the
@@ -41,6 +44,7 @@ REFERENCE = REPO.parent / "shared" / "reference"
 DEMO = REPO / "checkpoints" / "glip-demo"
 DEMO_LABELS = ["yellow star", "blue ring", "green square", "red triangle", "purple heart", "orange cross"]
 PARITY_ATOL = 1e-4
+FORMS_ATOL = 1e-3  # fp32 sums of 2304 products of O(1) values, in two orders
 DETECTION_SCORE = 0.3
 HALF_DTYPES = ("bfloat16", "float16")
 
@@ -291,6 +295,53 @@ def training_step(base, processor, device: torch.device, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# e. the deformable convolution's two forms
+# ----------------------------------------------------------------------------------------------------------------------
+def time_call(function, device: torch.device, runs: int) -> float:
+    """Median seconds of `function()` after one warm-up call."""
+    function()
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_deform_forms(device: torch.device, args) -> list:
+    from modeling_glip.dyconv import ModulatedDeformConv2d
+
+    channels, (height, width) = (16, (24, 32)) if args.smoke else (256, (100, 168))
+    rows = []
+    for batch in (1, 2) if args.smoke else (1, 8):
+        case = f"{channels} ch {height}x{width} batch {batch}"
+        try:
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, channels, height, width, generator=generator).to(device)
+            offset = (4 * torch.randn(batch, 18, height, width, generator=generator)).to(device)
+            mask = torch.rand(batch, 9, height, width, generator=generator).to(device)
+            outputs, seconds = {}, {}
+            for form in ("embedding_bag", "torchvision"):
+                torch.manual_seed(0)
+                conv = ModulatedDeformConv2d(channels, channels, 3, padding=1, implementation=form).to(device)
+                with torch.no_grad():
+                    outputs[form] = conv(x, offset, mask)
+                    seconds[form] = time_call(lambda: conv(x, offset, mask), device, 3 if args.smoke else args.runs)
+            faster = min(seconds, key=seconds.get)
+            auto = "torchvision" if ModulatedDeformConv2d(channels, channels, 3, padding=1).uses_torchvision(device) else "embedding_bag"
+            diff = (outputs["embedding_bag"] - outputs["torchvision"]).abs().max().item()
+            rows.append(
+                {"section": "e. forms", "case": case, "embedding_bag_ms": 1e3 * seconds["embedding_bag"], "torchvision_ms": 1e3 * seconds["torchvision"],
+                 "max_abs_diff": diff, "faster": faster, "auto_picks": auto, "status": "ok" if diff <= FORMS_ATOL else "FAIL"}
+            )
+        except Exception as error:
+            rows.append({"section": "e. forms", "case": case, "status": "FAIL", "note": f"{type(error).__name__}: {error}"})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 def print_table(rows: list, header: str):
     print(header)
     print("| section | case | result | status |")
@@ -309,7 +360,7 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     parser.add_argument("--compile_dtypes", nargs="+", default=["bfloat16"], choices=["float32", *HALF_DTYPES], help="dtypes also timed compiled")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds after which the remaining speed cases are skipped")
-    parser.add_argument("--sections", nargs="+", default=["parity", "half", "speed"], choices=["parity", "half", "speed"])
+    parser.add_argument("--sections", nargs="+", default=["parity", "half", "forms", "speed"], choices=["parity", "half", "forms", "speed"])
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.budget <= 0:
@@ -324,7 +375,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    sections = {"parity": check_parity, "half": check_half_precision, "speed": time_cases}
+    sections = {"parity": check_parity, "half": check_half_precision, "speed": time_cases, "forms": compare_deform_forms}
     rows, started = [], time.perf_counter()
     for name in args.sections:
         try:

@@ -10,6 +10,8 @@ from transformers.configuration_utils import SubConfigSpec
 # GLIP consumes Swin stages 3..5 (strides 8, 16, 32); transformers names them stage2..stage4 (swin_backbone.md).
 GLIP_SWIN_OUT_FEATURES = ["stage2", "stage3", "stage4"]
 
+DEFORMABLE_CONV_IMPLEMENTATIONS = ("auto", "embedding_bag", "torchvision")
+
 # Fields that, for given weights, change the model's outputs or which weights exist (anchors, box decoding, clamps,
 # fusion / DyHead layout, GroupNorm, prompt tuning). A saved config always has them; a config dict or JSON that lacks
 # one would silently fall back to the GLIP-T default, which may not be what the weights were trained with, so
@@ -66,6 +68,10 @@ class GLIPConfig(PreTrainedConfig):
         clamp_value (`float`, defaults to 50000.0): the +-clamp applied to fusion attention logits, head BERT-layer
             scores and dot-product logits (section 11.6).
         use_dyrelu / use_dyfuse / use_deformable_conv (`bool`): DyHead switches (all on in GLIP-T/L).
+        deformable_conv_implementation (`str`, defaults to "auto"): how the modulated deformable convolutions run, one
+            function either way (tests/test_fast_paths.py): "embedding_bag" (one `F.embedding_bag` + one matmul, 3x
+            torchvision's CPU kernel), "torchvision" (`torchvision.ops.deform_conv2d`: its CUDA kernel on a GPU) or
+            "auto": embedding_bag on CPU, torchvision on other devices (`benchmarks/gpu_check.py` times both on a GPU).
         group_norm_num_groups (`int`, defaults to 16), group_norm_eps (`float`, defaults to 1e-5): DyConv GroupNorm.
         dyrelu_reduction (`int`, defaults to 4): squeeze ratio of DyReLU.
         num_classes_cls_logits (`int`, defaults to 80): width of the frozen `cls_logits` conv (kept for checkpoints).
@@ -105,6 +111,7 @@ class GLIPConfig(PreTrainedConfig):
     use_dyrelu: bool = True
     use_dyfuse: bool = True
     use_deformable_conv: bool = True
+    deformable_conv_implementation: str = "auto"
     group_norm_num_groups: int = 16
     group_norm_eps: float = 1e-5
     dyrelu_reduction: int = 4
@@ -172,6 +179,8 @@ class GLIPConfig(PreTrainedConfig):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by group_norm_num_groups {self.group_norm_num_groups}")
         if self.text_prompt_length < 0:
             raise ValueError(f"text_prompt_length must be >= 0, got {self.text_prompt_length}")
+        if self.deformable_conv_implementation not in DEFORMABLE_CONV_IMPLEMENTATIONS:
+            raise ValueError(f"deformable_conv_implementation must be one of {DEFORMABLE_CONV_IMPLEMENTATIONS}, got {self.deformable_conv_implementation!r}")
         if self.score_aggregation not in ("mean", "max"):
             raise ValueError(f"score_aggregation must be 'mean' or 'max', got {self.score_aggregation!r}")
 

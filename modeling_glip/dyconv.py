@@ -113,17 +113,29 @@ def modulated_deform_conv2d(
 
 
 class ModulatedDeformConv2d(DeformConv2d):
-    """Modulated deformable 3x3 convolution with torchvision's parameters and semantics (`modulated_deform_conv2d`).
+    """Modulated deformable 3x3 convolution with torchvision's parameters and semantics, in one of two forms of the
+    same function (tests/test_fast_paths.py): `modulated_deform_conv2d` ("embedding_bag") or torchvision's own
+    `deform_conv2d` ("torchvision"). `implementation="auto"` (`GLIPConfig.deformable_conv_implementation`) runs the
+    embedding_bag form on CPU, where it is 3x torchvision's channel-by-channel kernel, and torchvision's elsewhere,
+    which on CUDA is a dedicated kernel like the original's (`benchmarks/gpu_check.py` times both on a GPU).
 
     Half-precision inputs are computed in float32 and the output is cast back (the reference, torchvision's CPU
     kernel, has no half-precision version).
 
-    While `torch.onnx.export` traces the model it runs torchvision's own `deform_conv2d` instead, which torch.onnx
-    writes as one ONNX `DeformConv` node (opset 19): the `embedding_bag` with per-sample weights of
-    `modulated_deform_conv2d` becomes an ONNX `Loop` over bags (64 channels, a 40x60 map, 2 threads: 37 s in ONNX
-    Runtime against 0.035 s for `DeformConv`). Both forms compute the same function (tests/test_fast_paths.py,
-    tests/test_onnx_export.py).
+    While `torch.onnx.export` traces the model it always runs torchvision's form, which torch.onnx writes as one ONNX
+    `DeformConv` node (opset 19): the `embedding_bag` with per-sample weights becomes an ONNX `Loop` over bags (64
+    channels, a 40x60 map, 2 threads: 37 s in ONNX Runtime against 0.035 s for `DeformConv`; tests/test_onnx_export.py).
     """
+
+    def __init__(self, *args, implementation: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.implementation = implementation
+
+    def uses_torchvision(self, device: torch.device) -> bool:
+        """Whether a call on `device` runs torchvision's form."""
+        if self.implementation == "auto":
+            return device.type != "cpu" or torch.onnx.is_in_onnx_export()
+        return self.implementation == "torchvision" or torch.onnx.is_in_onnx_export()
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -132,7 +144,7 @@ class ModulatedDeformConv2d(DeformConv2d):
         # autocast is switched off only where it is on: an autocast region, even a disabled one, becomes a
         # higher-order op under torch.export whose splitting pass re-generates the whole graph's code per region
         with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext():
-            if torch.onnx.is_in_onnx_export():
+            if self.uses_torchvision(x.device):
                 out = deform_conv2d(x_c, offset_c, weight, bias, self.stride, self.padding, self.dilation, mask=mask_c)
             else:
                 out = modulated_deform_conv2d(x_c, offset_c, mask_c, weight, bias, self.stride, self.padding, self.dilation)
@@ -142,10 +154,12 @@ class ModulatedDeformConv2d(DeformConv2d):
 class Conv3x3Norm(nn.Module):
     """3x3 (modulated deformable) convolution followed by GroupNorm."""
 
-    def __init__(self, channels: int, stride: int, deformable: bool, num_groups: int, eps: float):
+    def __init__(self, channels: int, stride: int, deformable: bool, num_groups: int, eps: float, implementation: str = "auto"):
         super().__init__()
-        conv_cls = ModulatedDeformConv2d if deformable else nn.Conv2d
-        self.conv = conv_cls(channels, channels, kernel_size=3, stride=stride, padding=1)
+        if deformable:
+            self.conv = ModulatedDeformConv2d(channels, channels, kernel_size=3, stride=stride, padding=1, implementation=implementation)
+        else:
+            self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1)
         self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
 
     def forward(self, x: torch.Tensor, offset: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -188,7 +202,9 @@ class DyConv(nn.Module):
         channels = config.hidden_size
         self.use_deformable_conv = config.use_deformable_conv
         self.convs = nn.ModuleList(
-            Conv3x3Norm(channels, stride, config.use_deformable_conv, config.group_norm_num_groups, config.group_norm_eps)
+            Conv3x3Norm(
+                channels, stride, config.use_deformable_conv, config.group_norm_num_groups, config.group_norm_eps, config.deformable_conv_implementation
+            )
             for stride in (1, 1, 2)
         )
         # 27 = 18 offsets ((dy, dx) per tap, torchvision layout) + 9 mask logits

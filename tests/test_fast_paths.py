@@ -178,6 +178,23 @@ def test_deformable_conv_in_bfloat16_runs_in_float32():
     assert (actual.float() - expected).abs().max() < 0.1
 
 
+def test_deformable_conv_forms_are_one_function_in_the_whole_model(tiny_model):
+    """`deformable_conv_implementation` picks a form; "auto" is embedding_bag on CPU and torchvision elsewhere."""
+    inputs = make_inputs(batch=2, tokens=6)
+    torchvision_form = GLIPModel(tiny_config(deformable_conv_implementation="torchvision")).eval()
+    torchvision_form.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        expected, actual = torchvision_form(**inputs), tiny_model(**inputs)
+    for name in ("logits", "pred_boxes", "centerness"):
+        assert max_diff(getattr(actual, name), getattr(expected, name)) < ATOL, name
+    convs = [module for module in tiny_model.modules() if isinstance(module, ModulatedDeformConv2d)]
+    assert convs and all(conv.implementation == "auto" and not conv.uses_torchvision(torch.device("cpu")) for conv in convs)
+    assert all(conv.uses_torchvision(torch.device("cuda")) for conv in convs)
+    assert all(conv.uses_torchvision(torch.device("cpu")) for conv in torchvision_form.modules() if isinstance(conv, ModulatedDeformConv2d))
+    with pytest.raises(Exception, match="deformable_conv_implementation"):  # huggingface_hub's strict-dataclass error
+        tiny_config(deformable_conv_implementation="cudnn")
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)

@@ -22,12 +22,15 @@ def test_cpu_smoke_run_covers_every_section(reference_dir, tmp_path, capsys):
     assert status == 0, [row for row in rows if row["status"] != "ok"]
     assert report["smoke"] and report["device"].startswith("cpu")
     sections = {row["section"] for row in rows}
-    assert sections == {"a. parity", "b. half precision", "c. speed", "d. training"}
+    assert sections == {"a. parity", "b. half precision", "c. speed", "d. training", "e. forms"}
     assert all(row["max_abs_diff"] <= 1e-4 for row in rows if row["section"] == "a. parity")
     half = [row for row in rows if row["section"] == "b. half precision"]
     assert len(half) == 4 and all(row["detections_matched"].split("/")[0] == row["detections_matched"].split("/")[1] for row in half)
     speed = [row for row in rows if row["section"] == "c. speed"]
     assert len(speed) == 6 and all(row["forward_images_per_s"] > 0 for row in speed)
+    forms = [row for row in rows if row["section"] == "e. forms"]
+    assert len(forms) == 2 and all(row["max_abs_diff"] <= 1e-3 and row["auto_picks"] == "embedding_bag" for row in forms)
+    assert all(row["embedding_bag_ms"] > 0 and row["torchvision_ms"] > 0 for row in forms)
     assert "| a. parity | fp32 logits |" in capsys.readouterr().out
 
 
