@@ -8,7 +8,7 @@ import copy
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -121,6 +121,31 @@ class GLIPObjectDetectionOutput(ModelOutput):
     def vision_levels(self, state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """One `(B, N, C)` entry of `vision_hidden_states` -> its five level maps `(B, C, H_l, W_l)` (views)."""
         return unflatten_levels(state, [tuple(shape) for shape in self.spatial_shapes[0].tolist()])
+
+
+class ValueChecks:
+    """Data-dependent input checks (finite, 0/1, in range...) of one call, decided with ONE host synchronisation.
+
+    Each check is a pair of callables: `ok()` -> a boolean tensor on the inputs' device, `error()` -> the exception
+    naming the argument and its bad values (built only when raised). `raise_first_failure` stacks every `ok()` and reads
+    them back at once, then raises the first failure in the order added; under torch.compile / torch.export it checks
+    nothing, since a data-dependent branch cannot be traced.
+    """
+
+    def __init__(self):
+        self._checks: List[Tuple[Callable[[], torch.Tensor], Callable[[], Exception]]] = []
+
+    def add(self, ok: Callable[[], torch.Tensor], error: Callable[[], Exception]):
+        self._checks.append((ok, error))
+
+    def raise_first_failure(self):
+        if not self._checks or is_torchdynamo_compiling():
+            return
+        oks = [ok().reshape(()) for ok, _ in self._checks]
+        flags = torch.stack([ok.to(oks[0].device) for ok in oks]).tolist()  # the one device -> host copy
+        for flag, (_, error) in zip(flags, self._checks):
+            if not flag:
+                raise error()
 
 
 def flatten_levels(maps: List[torch.Tensor]) -> torch.Tensor:
@@ -399,7 +424,8 @@ class GLIPModel(GLIPPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------------------------
     # input validation: shapes and dtypes always (they are static under torch.export / torch.compile); values only in
-    # eager mode, where a data-dependent check cannot block tracing
+    # eager mode, where a data-dependent check cannot block tracing, gathered in `ValueChecks` so that one forward
+    # waits for the device once, not once per check
     # ------------------------------------------------------------------------------------------------------------------
     @staticmethod
     def _check_tensor(name: str, value, floating: bool):
@@ -410,23 +436,27 @@ class GLIPModel(GLIPPreTrainedModel):
             raise TypeError(f"`{name}` must be {kind} tensor, got dtype {value.dtype}.")
 
     @staticmethod
-    def _check_finite(name: str, value: torch.Tensor):
-        if not is_torchdynamo_compiling() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"`{name}` contains NaN or infinite values ({int((~torch.isfinite(value)).sum())} of {value.numel()}).")
+    def _check_finite(checks: "ValueChecks", name: str, value: torch.Tensor):
+        checks.add(
+            lambda: torch.isfinite(value).all(),
+            lambda: ValueError(f"`{name}` contains NaN or infinite values ({int((~torch.isfinite(value)).sum())} of {value.numel()})."),
+        )
 
     @staticmethod
-    def _check_binary(name: str, value: torch.Tensor):
-        if not is_torchdynamo_compiling() and not bool(((value == 0) | (value == 1)).all()):
-            raise ValueError(f"`{name}` must hold only 0 and 1; got values {value.unique()[:8].tolist()}.")
+    def _check_binary(checks: "ValueChecks", name: str, value: torch.Tensor):
+        checks.add(
+            lambda: ((value == 0) | (value == 1)).all(),
+            lambda: ValueError(f"`{name}` must hold only 0 and 1; got values {value.unique()[:8].tolist()}."),
+        )
 
-    def _validate_inputs(self, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state=None):
+    def _validate_inputs(self, checks, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state=None):
         if pixel_values is None or input_ids is None:
             raise ValueError("GLIPModel needs both `pixel_values` (B, 3, H, W) and `input_ids` (B, T).")
         self._check_tensor("pixel_values", pixel_values, floating=True)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
             raise ValueError(f"`pixel_values` must have shape (batch, 3, height, width) with a non-empty canvas; got {tuple(pixel_values.shape)}.")
-        self._check_finite("pixel_values", pixel_values)
-        self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
+        self._check_finite(checks, "pixel_values", pixel_values)
+        self._validate_text_inputs(checks, input_ids, attention_mask, token_type_ids)
         if chunk_to_image is None and input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"Batch size mismatch: {pixel_values.shape[0]} images but {input_ids.shape[0]} prompts. Give one prompt "
@@ -439,16 +469,22 @@ class GLIPModel(GLIPPreTrainedModel):
                     f"`chunk_to_image` must be an integer tensor of shape ({input_ids.shape[0]},), the image index of each "
                     f"prompt row; got {chunk_to_image.dtype} of shape {tuple(chunk_to_image.shape)}."
                 )
-            if not is_torchdynamo_compiling() and not bool(((chunk_to_image >= 0) & (chunk_to_image < pixel_values.shape[0])).all()):
-                raise ValueError(f"`chunk_to_image` {chunk_to_image.tolist()} indexes images outside 0..{pixel_values.shape[0] - 1}.")
+            checks.add(
+                lambda: ((chunk_to_image >= 0) & (chunk_to_image < pixel_values.shape[0])).all(),
+                lambda: ValueError(f"`chunk_to_image` {chunk_to_image.tolist()} indexes images outside 0..{pixel_values.shape[0] - 1}."),
+            )
         if pixel_mask is not None:
             self._check_tensor("pixel_mask", pixel_mask, floating=False)
             if pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
                 raise ValueError(f"`pixel_mask` must have shape {(pixel_values.shape[0], *pixel_values.shape[2:])}; got {tuple(pixel_mask.shape)}.")
-            self._check_binary("pixel_mask", pixel_mask)
-            if not is_torchdynamo_compiling() and not bool(pixel_mask.flatten(1).any(dim=1).all()):
-                empty = (~pixel_mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()
-                raise ValueError(f"`pixel_mask` marks no image pixel for images {empty}: an empty canvas has no size to predict boxes in.")
+            self._check_binary(checks, "pixel_mask", pixel_mask)
+            checks.add(
+                lambda: pixel_mask.flatten(1).any(dim=1).all(),
+                lambda: ValueError(
+                    f"`pixel_mask` marks no image pixel for images {(~pixel_mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()}: "
+                    "an empty canvas has no size to predict boxes in."
+                ),
+            )
         if text_encoder_hidden_state is not None:
             self._check_tensor("text_encoder_hidden_state", text_encoder_hidden_state, floating=True)
             expected = (*input_ids.shape, self.config.text_config.hidden_size)
@@ -457,7 +493,7 @@ class GLIPModel(GLIPPreTrainedModel):
                     f"`text_encoder_hidden_state` must have shape (batch, tokens, hidden) = {expected} to match `input_ids`; "
                     f"got {tuple(text_encoder_hidden_state.shape)}. Index or expand the rows of `get_text_features` to the batch."
                 )
-            self._check_finite("text_encoder_hidden_state", text_encoder_hidden_state)
+            self._check_finite(checks, "text_encoder_hidden_state", text_encoder_hidden_state)
 
     @property
     def max_prompt_length(self) -> int:
@@ -467,7 +503,7 @@ class GLIPModel(GLIPPreTrainedModel):
             max_positions = min(max_positions, self.config.text_prompt_length)
         return max_positions
 
-    def _validate_text_inputs(self, input_ids, attention_mask, token_type_ids):
+    def _validate_text_inputs(self, checks, input_ids, attention_mask, token_type_ids):
         if input_ids is None:
             raise ValueError("`input_ids` (batch, tokens) are required.")
         self._check_tensor("input_ids", input_ids, floating=False)
@@ -487,18 +523,19 @@ class GLIPModel(GLIPPreTrainedModel):
                 self._check_tensor(name, tensor, floating=False)
                 if tensor.shape != input_ids.shape:
                     raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
-        if is_torchdynamo_compiling():
-            return
         for name, tensor, limit in (("input_ids", input_ids, text_config.vocab_size), ("token_type_ids", token_type_ids, text_config.type_vocab_size)):
-            if tensor is not None and not bool(((tensor >= 0) & (tensor < limit)).all()):
-                bad = tensor[(tensor < 0) | (tensor >= limit)].unique()[:8].tolist()
-                raise ValueError(f"`{name}` holds ids {bad} outside the text encoder's range 0..{limit - 1}.")
+            if tensor is not None:
+                checks.add(
+                    lambda tensor=tensor, limit=limit: ((tensor >= 0) & (tensor < limit)).all(),
+                    lambda name=name, tensor=tensor, limit=limit: ValueError(
+                        f"`{name}` holds ids {tensor[(tensor < 0) | (tensor >= limit)].unique()[:8].tolist()} outside the text encoder's range 0..{limit - 1}."
+                    ),
+                )
         if attention_mask is not None:
-            self._check_binary("attention_mask", attention_mask)
-            if not bool((attention_mask.sum(dim=1) > 0).all()):
-                raise ValueError("A prompt is empty: its `attention_mask` row has no valid token.")
+            self._check_binary(checks, "attention_mask", attention_mask)
+            checks.add(lambda: (attention_mask.sum(dim=1) > 0).all(), lambda: ValueError("A prompt is empty: its `attention_mask` row has no valid token."))
 
-    def _validate_labels(self, labels, batch_size: int, num_tokens: int):
+    def _validate_labels(self, checks, labels, batch_size: int, num_tokens: int):
         if not isinstance(labels, (list, tuple)):
             raise TypeError(f"`labels` must be a list of dicts (one per prompt row), got {type(labels).__name__}.")
         if len(labels) != batch_size:
@@ -517,10 +554,14 @@ class GLIPModel(GLIPPreTrainedModel):
                 raise ValueError(
                     f"`labels[{index}]['positive_map']` must be (num_boxes, tokens) = {(boxes.shape[0], num_tokens)}; got {tuple(positive_map.shape)}."
                 )
-            self._check_finite(f"labels[{index}]['boxes']", boxes)
-            if not is_torchdynamo_compiling() and not bool((boxes[:, 2:] > 0).all()):
-                raise ValueError(f"`labels[{index}]['boxes']` has boxes of zero or negative width / height: {boxes[(boxes[:, 2:] <= 0).any(1)][:4].tolist()}.")
-            self._check_binary(f"labels[{index}]['positive_map']", positive_map)
+            self._check_finite(checks, f"labels[{index}]['boxes']", boxes)
+            checks.add(
+                lambda boxes=boxes: (boxes[:, 2:] > 0).all(),
+                lambda index=index, boxes=boxes: ValueError(
+                    f"`labels[{index}]['boxes']` has boxes of zero or negative width / height: {boxes[(boxes[:, 2:] <= 0).any(1)][:4].tolist()}."
+                ),
+            )
+            self._check_binary(checks, f"labels[{index}]['positive_map']", positive_map)
 
     @staticmethod
     def image_sizes_from_mask(pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor]) -> torch.LongTensor:
@@ -551,7 +592,9 @@ class GLIPModel(GLIPPreTrainedModel):
         output) to every `forward` as `text_encoder_hidden_state` (rows indexed / expanded to each batch): BERT then
         runs once per chunk for a whole image set instead of once per image. With `return_dict=False`, a tuple.
         """
-        self._validate_text_inputs(input_ids, attention_mask, token_type_ids)
+        checks = ValueChecks()
+        self._validate_text_inputs(checks, input_ids, attention_mask, token_type_ids)
+        checks.raise_first_failure()
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output = self._encode_text(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
         return output if return_dict else output.to_tuple()
@@ -626,9 +669,11 @@ class GLIPModel(GLIPPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         if isinstance(text_encoder_hidden_state, ModelOutput):
             text_encoder_hidden_state = text_encoder_hidden_state.last_hidden_state
-        self._validate_inputs(pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state)
+        checks = ValueChecks()
+        self._validate_inputs(checks, pixel_values, input_ids, attention_mask, token_type_ids, pixel_mask, chunk_to_image, text_encoder_hidden_state)
         if labels is not None:
-            self._validate_labels(labels, input_ids.shape[0], input_ids.shape[1])
+            self._validate_labels(checks, labels, input_ids.shape[0], input_ids.shape[1])
+        checks.raise_first_failure()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
