@@ -40,10 +40,10 @@ from processing.evaluation import coco_references, load_coco_evaluation_set, met
 from processing.lvis_evaluation import (
     LVIS_DETECTIONS_PER_CHUNK,
     LVIS_NAMES_PER_CHUNK,
-    ChunkedVocabularyDetector,
     DetectionCache,
     cached_predictions,
     load_lvis_evaluation_set,
+    lvis_detector,
     run_detection,
 )
 from processing.training_data import coco_json_to_records
@@ -117,7 +117,7 @@ def evaluate_lvis(model, processor, args, limits: dict) -> dict:
         "categories": [[category["id"], category["name"]] for category in categories],
     }
     cache = DetectionCache(args.cache_dir, settings)
-    detector = ChunkedVocabularyDetector(model, processor, names, args.names_per_chunk, limits["candidate_threshold"], limits["max_detections"])
+    detector = lvis_detector(model, processor, names, args.names_per_chunk, limits["candidate_threshold"], limits["max_detections"])
     counts = run_detection(detector, records, [category["id"] for category in categories], cache, args.images)
     predictions = cached_predictions(cache, [record["image_id"] for record in records], args.protocol)
     metric = evaluate.load(str(METRICS / "lvis_detection" / "lvis_detection.py"))

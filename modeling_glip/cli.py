@@ -1,8 +1,13 @@
 """`glip-detect`: zero-shot detection on image files from the command line.
 
-    glip-detect IMAGE [IMAGE ...] (--labels "cat, remote control" | --caption "a cat on a couch" [--phrases "a cat; a couch"])
+    glip-detect IMAGE_OR_FOLDER [...] (--labels "cat, remote control" | --caption "a cat on a couch" [--phrases "a cat; a couch"])
                 [--model DIR_OR_REPO] [--threshold 0.3] [--candidate_threshold T] [--top_k N] [--output_dir detections]
-                [--min_size S] [--max_size L]
+                [--min_size S] [--max_size L] [--batch_size B] [--num_workers W]
+
+A folder stands for its image files (by extension, sorted, not recursive). The prompt is encoded once for all images
+(`processing.fixed_prompt.FixedPromptDetector`); `--num_workers` processes decode and resize the next images while the
+model runs, and `--batch_size` images of the same padded canvas share a forward (results equal to one at a time;
+benchmarks/README.md "Many images" says which settings pay on which machine).
 
 The image resize is the checkpoint's (its saved processor; printed at start) unless --min_size / --max_size are given.
 Flags use underscores; the dashed spellings (`--output-dir`, `--top-k`, `--candidate-threshold`) are accepted too.
@@ -30,14 +35,14 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from processing import load_rgb_image, post_processing_limits
+from processing import post_processing_limits
 from processing.atomic_files import write_atomically
+from processing.fixed_prompt import FixedPromptDetector, detect_files
 
-from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor, positive_int
+from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor, non_negative_int, positive_int
 
 # the bundled demo checkpoint: the repository's checkpoints/glip-demo (source checkout, `pip install -e .`), or the copy
 # that `pip install .` installs as package data (setup.py maps it to modeling_glip/glip_demo)
@@ -77,7 +82,7 @@ def default_model() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = GLIPArgumentParser(prog="glip-detect", description="GLIP zero-shot object detection on image files.")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files, or folders of them")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--labels", help='comma-separated class names, e.g. "cat, remote control"')
     prompt.add_argument("--caption", help="a free caption; its phrases are scored (see --phrases)")
@@ -95,7 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="detections", help="where detections.json, detections_info.json and the annotated PNGs go")
     parser.add_argument("--min_size", type=positive_int, help="resize the short side to this (default: the checkpoint processor's)")
     parser.add_argument("--max_size", type=positive_int, help="cap on the resized long side (default: the checkpoint processor's)")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="images of one canvas size per forward")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="processes that decode and resize images ahead of the model")
     return parser
+
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def expand_image_paths(arguments: Sequence[str]) -> List[str]:
+    """Image arguments -> files: a folder becomes its files with an image suffix (sorted, not recursive), anything
+    else is kept as given (a missing or unreadable file fails on its own line later). ValueError names a folder
+    without images."""
+    paths = []
+    for argument in arguments:
+        folder = Path(argument)
+        if folder.is_dir():
+            found = sorted(str(path) for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"images: folder {argument!r} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(argument)
+    return paths
 
 
 def build_prompt(labels: Optional[str] = None, caption: Optional[str] = None, phrases: Optional[str] = None) -> dict:
@@ -147,15 +174,19 @@ def load_model(model_path: str, min_size: Optional[int] = None, max_size: Option
     return model, processor
 
 
+def prompt_detector(model, processor, prompt: dict, threshold: float, limits: dict) -> FixedPromptDetector:
+    """The detector of `prompt` (`build_prompt`'s) reporting scores >= `threshold`."""
+    return FixedPromptDetector(model, processor, prompt["text"], phrases=prompt.get("phrases"), threshold=threshold, **limits)
+
+
+def keep_top(detections: dict, top_k: Optional[int]) -> dict:
+    """The `top_k` best of one image's detections (all for None)."""
+    return {name: values[:top_k] for name, values in detections.items()}
+
+
 def detect(model, processor, image: Image.Image, prompt: dict, threshold: float, top_k: Optional[int], limits: dict) -> dict:
     """One image -> {"scores", "labels", "text_labels", "boxes" (xyxy in image pixels)} with score >= `threshold`, best first."""
-    inputs = processor(images=[image], text=prompt["text"], phrases=prompt.get("phrases"))
-    with torch.no_grad():
-        outputs = model(**inputs)
-    (result,) = processor.post_process_grounded_object_detection(
-        outputs, inputs, threshold=threshold, target_sizes=[(image.height, image.width)], **limits
-    )
-    return {name: values[:top_k] for name, values in result.items()}
+    return keep_top(prompt_detector(model, processor, prompt, threshold, limits)([image])[0], top_k)
 
 
 def _text_colour(colour: str) -> str:
@@ -259,6 +290,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         processor(text=prompt["text"], phrases=prompt.get("phrases"))  # duplicates, unknown phrases, too long: before any image
     except ValueError as error:
         parser.error(f"{'--labels' if args.labels is not None else '--caption / --phrases'}: {_one_line(error)}")
+    try:
+        paths = expand_image_paths(args.images)
+    except ValueError as error:
+        parser.error(str(error))
     limits = post_processing_limits(model.config, candidate_threshold=args.candidate_threshold)
     output_dir = Path(args.output_dir)
     try:
@@ -268,30 +303,36 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     categories = category_names(prompt)
     results, images, failures = [], [], []
-    png_names = annotated_names(args.images)
+    png_names = annotated_names(paths)
     done = 0
+    detector = prompt_detector(model, processor, prompt, args.threshold, limits)
     try:
-        for image_id, path in enumerate(tqdm(args.images, desc="images", unit="img", disable=len(args.images) < 2)):
-            try:
-                image = load_rgb_image(path)
-                detections = detect(model, processor, image, prompt, args.threshold, args.top_k, limits)
-                write_atomically(output_dir / png_names[image_id], lambda handle: annotate(image, detections).save(handle, format="PNG"))
-            except (ValueError, OSError, RuntimeError) as error:  # this image only: unreadable, too elongated, out of memory
-                failures.append({"file_name": str(path), "error": f"{type(error).__name__}: {_one_line(error)}"})
-                print(f"glip-detect: skipped {path}: {_one_line(error)}", file=sys.stderr)
+        for item in tqdm(detect_files(detector, paths, args.batch_size, args.num_workers), total=len(paths), desc="images", unit="img", disable=len(paths) < 2):
+            error = item.error
+            if error is None:
+                detections = keep_top(item.result, args.top_k)
+                try:
+                    write_atomically(output_dir / png_names[item.index], lambda handle: annotate(item.image, detections).save(handle, format="PNG"))
+                except (ValueError, OSError) as failure:
+                    error = f"{type(failure).__name__}: {_one_line(failure)}"
+            if error is not None:  # this image only: unreadable, too elongated, out of memory, annotation not writable
+                failures.append({"file_name": item.path, "error": error})
+                print(f"glip-detect: skipped {item.path}: {error}", file=sys.stderr)
                 continue
-            print_table(path, detections)
-            images.append(image_record(image_id, str(path), image, png_names[image_id]))
-            results.extend(coco_results(image_id, detections))
+            print_table(item.path, detections)
+            images.append(image_record(item.index, item.path, item.image, png_names[item.index]))
+            results.extend(coco_results(item.index, detections))
             done += 1
     except KeyboardInterrupt:
-        print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(args.images)} image(s)", file=sys.stderr)
+        print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(paths)} image(s)", file=sys.stderr)
         return 130
-    finally:  # whatever happened, the finished images are on disk
+    finally:  # whatever happened, the finished images are on disk, in input order
+        images.sort(key=lambda record: record["id"])
+        results.sort(key=lambda record: record["image_id"])
         write_reports(output_dir, results, images, categories, failures)
     print(f"\nwrote {output_dir / 'detections.json'}, {output_dir / 'detections_info.json'} and {done} annotated image(s) to {output_dir}/")
     if failures:
-        print(f"glip-detect: {len(failures)} of {len(args.images)} image(s) failed (listed in detections_info.json)", file=sys.stderr)
+        print(f"glip-detect: {len(failures)} of {len(paths)} image(s) failed (listed in detections_info.json)", file=sys.stderr)
     return 1 if failures else 0
 
 

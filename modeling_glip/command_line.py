@@ -93,15 +93,24 @@ def checked_model_path(name_or_path: str, flag: str) -> str:
     return name_or_path
 
 
-def positive_int(text: str) -> int:
-    """argparse `type=` of a count or size: an integer >= 1."""
+def _integer_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` of a count or size: an integer >= 1."""
+    return _integer_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` of a count that may be 0 (e.g. worker processes): an integer >= 0."""
+    return _integer_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:

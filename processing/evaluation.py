@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from .fixed_prompt import FixedPromptDetector
 from .image_conversion import load_rgb_image
 from .training_data import coco_json_to_records
 
@@ -78,8 +79,8 @@ def predict_coco(
 ) -> List[dict]:
     """Detect every category in every record's image -> `coco_detection` metric predictions (one dict per image).
 
-    Images are run one at a time (the text rows of its prompt chunks form the batch), so that no result depends on
-    batch-mate padding.
+    The prompt's text features are computed once (`FixedPromptDetector`); images are run one at a time (the text rows
+    of its prompt chunks form the batch).
 
     Args:
         model: a `GLIPModel` (put in eval mode by the caller).
@@ -93,16 +94,11 @@ def predict_coco(
     """
     names = [category["name"] for category in categories]
     ids = [category["id"] for category in categories]
-    device = next(model.parameters()).device
+    detector = FixedPromptDetector(model, processor, names, names_per_chunk=names_per_chunk, candidate_threshold=candidate_threshold, max_detections=max_detections)
     predictions = []
     for record in records:
         path = Path(image_root) / record["file_name"] if image_root is not None else Path(record["file_name"])
-        image = load_rgb_image(path)
-        inputs = processor(images=[image], text=names, names_per_chunk=names_per_chunk).to(device)
-        outputs = model(**inputs)
-        result = processor.post_process_grounded_object_detection(
-            outputs, inputs, target_sizes=[(image.height, image.width)], candidate_threshold=candidate_threshold, max_detections=max_detections
-        )[0]
+        (result,) = detector([load_rgb_image(path)])
         predictions.append(
             {
                 "image_id": record["image_id"],

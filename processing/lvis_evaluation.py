@@ -11,13 +11,14 @@ config/defaults.py), test size 800 / 1333 (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST o
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .atomic_files import write_atomically
+from .fixed_prompt import FixedPromptDetector
 from .image_conversion import load_rgb_image
 
 LVIS_NAMES_PER_CHUNK = 40
@@ -25,7 +26,6 @@ LVIS_DETECTIONS_PER_CHUNK = 300
 LVIS_CANDIDATE_THRESHOLD = 0.05
 LVIS_TEST_SIZE = (800, 1333)
 
-Detector = Callable[[object], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def lvis_image_file(image: dict) -> str:
@@ -81,48 +81,20 @@ def xyxy_to_lvis_xywh(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((x1, y1, x2 - x1, y2 - y1), dim=-1)
 
 
-class ChunkedVocabularyDetector:
-    """Detects one fixed vocabulary in one image at a time, as the original's chunked evaluation: the prompt chunks
-    are the processor's (`names_per_chunk` names each, fewer where 256 tokens would be exceeded), and their text
-    features are computed once for the whole data set (the text encoder does not see the image).
-
-    Calling it with a PIL image returns (boxes (K, 4) xyxy in image pixels, scores (K,), name indices (K,)), by
-    descending score, at most `max_detections` per chunk.
-    """
-
-    def __init__(
-        self,
-        model,
-        processor,
-        names: Sequence[str],
-        names_per_chunk: int = LVIS_NAMES_PER_CHUNK,
-        candidate_threshold: float = LVIS_CANDIDATE_THRESHOLD,
-        max_detections: int = LVIS_DETECTIONS_PER_CHUNK,
-    ):
-        self.model, self.processor, self.names = model, processor, list(names)
-        self.names_per_chunk, self.candidate_threshold, self.max_detections = names_per_chunk, candidate_threshold, max_detections
-        self._input_ids: Optional[torch.Tensor] = None
-        self._text_features: Optional[torch.Tensor] = None
-
-    @torch.no_grad()
-    def __call__(self, image) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        inputs = self.processor(images=[image], text=self.names, names_per_chunk=self.names_per_chunk).to(device)
-        if self._text_features is None:
-            self._input_ids = inputs["input_ids"]
-            text_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in inputs}
-            self._text_features = self.model.get_text_features(**text_inputs).last_hidden_state
-        elif not torch.equal(inputs["input_ids"], self._input_ids):  # a processor whose prompts depend on the image
-            raise RuntimeError("the prompt chunks changed between images: their text features cannot be reused")
-        outputs = self.model(**inputs, text_encoder_hidden_state=self._text_features)
-        result = self.processor.post_process_grounded_object_detection(
-            outputs,
-            inputs,
-            target_sizes=[(image.height, image.width)],
-            candidate_threshold=self.candidate_threshold,
-            max_detections=self.max_detections,
-        )[0]
-        return result["boxes"].float().cpu(), result["scores"].float().cpu(), result["labels"].cpu()
+def lvis_detector(
+    model,
+    processor,
+    names: Sequence[str],
+    names_per_chunk: int = LVIS_NAMES_PER_CHUNK,
+    candidate_threshold: float = LVIS_CANDIDATE_THRESHOLD,
+    max_detections: int = LVIS_DETECTIONS_PER_CHUNK,
+) -> FixedPromptDetector:
+    """The fixed-vocabulary detector of the original's chunked evaluation: prompt chunks of `names_per_chunk` names
+    (fewer where 256 tokens would be exceeded) whose text features are computed once for the whole data set, at most
+    `max_detections` per chunk, no final-score cut."""
+    return FixedPromptDetector(
+        model, processor, list(names), names_per_chunk=names_per_chunk, candidate_threshold=candidate_threshold, max_detections=max_detections
+    )
 
 
 class DetectionCache:
@@ -172,7 +144,7 @@ class DetectionCache:
 
 
 def run_detection(
-    detect: Detector,
+    detect: FixedPromptDetector,
     records: Sequence[dict],
     category_ids: Sequence[int],
     cache: DetectionCache,
@@ -200,9 +172,9 @@ def run_detection(
             counts["skipped"][image_id] = f"{path}: {error}"
             bar.set_postfix(skipped=len(counts["skipped"]))
             continue
-        boxes, scores, labels = detect(image)
+        (result,) = detect([image])
         ids = torch.as_tensor(list(category_ids), dtype=torch.long)
-        cache.put(image_id, xyxy_to_lvis_xywh(boxes), scores, ids[labels.long()])
+        cache.put(image_id, xyxy_to_lvis_xywh(result["boxes"].float()), result["scores"].float(), ids[result["labels"].long()])
         counts["computed"] += 1
     return counts
 

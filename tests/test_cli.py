@@ -149,8 +149,8 @@ def test_dashed_and_underscored_flags_are_the_same_flags(tiny_glip_checkpoint, i
 def test_resolution_flags_override_the_checkpoint_processor(tiny_glip_checkpoint, images, tmp_path, capsys, monkeypatch):
     good, _ = images
     seen = []
-    real_detect = cli.detect
-    monkeypatch.setattr(cli, "detect", lambda model, processor, *rest: seen.append(processor.image_processor.min_size) or real_detect(model, processor, *rest))
+    real_detector = cli.prompt_detector
+    monkeypatch.setattr(cli, "prompt_detector", lambda model, processor, *rest: seen.append(processor.image_processor.min_size) or real_detector(model, processor, *rest))
     run([str(good), "--labels", "cat", "--min_size", "32"], tiny_glip_checkpoint, tmp_path)
     printed = capsys.readouterr().out
     assert seen == [32] and "processor: min_size 32, max_size 96" in printed and "given: --min_size 32" in printed
@@ -189,15 +189,15 @@ def test_annotated_names_are_unique_per_input_path():
 
 def test_interrupt_still_writes_the_finished_images(tiny_glip_checkpoint, tmp_path, monkeypatch, capsys):
     paths = [write_image(tmp_path / f"img{index}.png", seed=index) for index in range(3)]
-    real_detect, calls = cli.detect, []
+    real_keep_top, calls = cli.keep_top, []
 
-    def detect_then_interrupt(*args, **kwargs):
+    def interrupt_at_the_second_image(*args, **kwargs):  # called once per detected image
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_detect(*args, **kwargs)
+        return real_keep_top(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "detect", detect_then_interrupt)
+    monkeypatch.setattr(cli, "keep_top", interrupt_at_the_second_image)
     output = tmp_path / "out"
     assert run([*map(str, paths), "--labels", "cat", "--threshold", "0"], tiny_glip_checkpoint, output) == 130
     assert "interrupted after 1 of 3" in capsys.readouterr().err

@@ -12,10 +12,10 @@ from PIL import Image
 
 from processing import GLIPProcessor
 from processing.lvis_evaluation import (
-    ChunkedVocabularyDetector,
     DetectionCache,
     cached_predictions,
     load_lvis_evaluation_set,
+    lvis_detector,
     run_detection,
     xyxy_to_lvis_xywh,
 )
@@ -72,9 +72,10 @@ class CountingDetector:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, image):
+    def __call__(self, images):
         self.calls += 1
-        return torch.tensor([[2.0, 2.0, 12.0, 12.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.9, 0.2]), torch.tensor([0, 1])
+        boxes, scores = torch.tensor([[2.0, 2.0, 12.0, 12.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([0.9, 0.2])
+        return [{"boxes": boxes, "scores": scores, "labels": torch.tensor([0, 1]), "text_labels": ["a", "b"]} for _ in images]
 
 
 def test_lvis_set_cache_resume_and_skipped_images(tmp_path):
@@ -122,17 +123,18 @@ def test_chunked_detector_reuses_text_features_exactly(demo, monkeypatch):
     text_passes = []
     encode = model.get_text_features
     monkeypatch.setattr(model, "get_text_features", lambda **kwargs: text_passes.append(1) or encode(**kwargs))
-    detector = ChunkedVocabularyDetector(model, processor, names, names_per_chunk=4, max_detections=50)
-    first, again = detector(image), detector(image)
+    detector = lvis_detector(model, processor, names, names_per_chunk=4, max_detections=50)
+    (first,), (again,) = detector([image]), detector([image])
     assert len(text_passes) == 1  # the text encoder ran once for both images
     inputs = processor(images=[image], text=names, names_per_chunk=4)
     assert inputs["input_ids"].shape[0] == 2  # 6 names in chunks of 4
     with torch.no_grad():
         outputs = model(**inputs)
         direct = processor.post_process_grounded_object_detection(outputs, inputs, target_sizes=[(image.height, image.width)], max_detections=50)[0]
-    for value, expected in zip(again, (direct["boxes"], direct["scores"], direct["labels"])):
-        assert torch.allclose(value, expected, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first[1]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.allclose(again[key].float(), direct[key].float(), atol=1e-5), key
+        assert torch.equal(first[key], again[key])
+    assert len(first["scores"]) > 0 and first["text_labels"] == direct["text_labels"]
     assert torch.equal(xyxy_to_lvis_xywh(torch.tensor([[1.0, 2.0, 4.0, 8.0]])), torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
 
 
