@@ -371,11 +371,12 @@ class DetectionPromptSampler:
     Deviation: the original may also draw its "__background__" entry as a negative; there is none here.
 
     Addition (not in the original; 0, the default, draws exactly the original's prompts): with probability
-    `partial_positive_prob` the prompt names only the first k of the shuffled positives, k uniform in 1..n, before the
-    token budget; the others are `unnamed` (never drawn as negatives, their boxes removed by the caller, so they are
-    background). Detection prompts otherwise name every object in the image, so a model trained only on them scores
-    any object high against a prompt of one unrelated name (the one-name-per-forward prompts of transformers' stock
-    pipeline); GLIP's web-scale grounding captions, which rarely name every object, teach the same thing.
+    `partial_positive_prob` the prompt names only k of the positives, k uniform in 0..n, before the token budget; the
+    others are `unnamed` (never drawn as negatives, their boxes removed by the caller, so they are background), and
+    with k = 0 the prompt holds only negatives (one positive is named after all if no negative is left). Detection
+    prompts otherwise name something in the image every time, so a model trained only on them scores any object high
+    against a prompt of one unrelated name (the one-name-per-forward prompts of transformers' stock pipeline); GLIP's
+    web-scale grounding captions, which rarely name every object, teach part of the same thing.
     """
 
     def __init__(
@@ -416,7 +417,7 @@ class DetectionPromptSampler:
             rng.shuffle(positives)
         unnamed: Set[int] = set()
         if self.partial_positive_prob and rng.random() < self.partial_positive_prob:  # no draw at 0: the original's stream
-            named = rng.sample(positives, rng.randint(1, len(positives))) if positives else []
+            named = rng.sample(positives, rng.randint(0, len(positives))) if positives else []
             unnamed = positive_set.difference(named)
             positives = [label for label in positives if label not in unnamed]
         kept, length = [], 0
@@ -443,6 +444,9 @@ class DetectionPromptSampler:
             screened.append(label)
 
         labels = screened + kept
+        if not labels and unnamed:  # a partial prompt with no name left at all: name one positive after all
+            labels = [min(unnamed)]
+            unnamed.discard(labels[0])
         if self.shuffle:
             rng.shuffle(labels)
         else:

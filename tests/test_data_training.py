@@ -174,13 +174,17 @@ def test_partial_prompts_leave_named_positives_out_on_purpose(processor):
     assert [default.sample(positives, random.Random(s)) for s in range(10)] == [off.sample(positives, random.Random(s)) for s in range(10)]
     partial = DetectionPromptSampler(names, processor.tokenizer, max_negatives=3, partial_positive_prob=1.0)
     sizes = set()
-    for seed in range(60):
+    for seed in range(80):
         labels, unnamed = partial.sample(positives, random.Random(seed))
         named = set(labels) & set(positives)
-        assert named and named | unnamed == set(positives) and not named & unnamed
+        assert labels and named | unnamed == set(positives) and not named & unnamed
         assert not unnamed & set(labels)  # an unnamed positive is never drawn back as a negative
         sizes.add(len(named))
-    assert sizes == {1, 2, 3, 4}
+    assert sizes == {0, 1, 2, 3, 4}  # 0: a prompt of negatives only
+    no_negatives = DetectionPromptSampler(names, processor.tokenizer, max_negatives=0, partial_positive_prob=1.0)
+    for seed in range(20):
+        labels, unnamed = no_negatives.sample(positives, random.Random(seed))
+        assert labels and set(labels) <= set(positives)  # never an empty prompt
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="partial_positive_prob"):
             DetectionPromptSampler(names, processor.tokenizer, partial_positive_prob=bad)
@@ -200,7 +204,7 @@ def test_partial_prompts_turn_unnamed_objects_into_background_and_count_them(pro
         for record, labels, ids in zip(records, batch["labels"], batch["input_ids"]):
             prompt = processor.tokenizer.decode(ids, skip_special_tokens=True)
             named = [a for a in record["annotations"] if name_of[a["category_id"]] in prompt]
-            assert named and labels["boxes"].shape[0] == len(named)
+            assert labels["boxes"].shape[0] == len(named)
             total += len(record["annotations"])
             kept += len(named)
     assert unnamed > 0 and unnamed == total - kept  # every object left out is counted
