@@ -907,8 +907,11 @@ def train(args: argparse.Namespace):
         if ema is not None:
             unwrapped.save_pretrained(output_dir / "model_ema", state_dict=ema.state_dict())
             processor.save_pretrained(output_dir / "model_ema")
-        if totals or state["nonfinite_steps_skipped"]:
-            logger.warning(f"skipped during training, by reason: {dict(sorted(totals.items()))}; non-finite steps skipped: {state['nonfinite_steps_skipped']}")
+        if totals[UNNAMED_IN_PROMPT]:
+            logger.info(f"boxes left out of partial prompts on purpose (--partial_positive_prob): {totals[UNNAMED_IN_PROMPT]}")
+        problems = {reason: count for reason, count in totals.items() if reason != UNNAMED_IN_PROMPT}
+        if problems or state["nonfinite_steps_skipped"]:
+            logger.warning(f"skipped during training, by reason: {dict(sorted(problems.items()))}; non-finite steps skipped: {state['nonfinite_steps_skipped']}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
