@@ -10,7 +10,7 @@ resolution) into a temporary folder, then runs the whole folder, from file to de
   encoder runs for every image, files decoded in the same process);
 * `text once`: `FixedPromptDetector` (the prompt encoded once), batch 1, no worker;
 * `text once + 1 worker`: a DataLoader worker decodes and resizes the next files while the model runs;
-* `... + batch B`: `--batch_size B` images of the same canvas per forward.
+* `text once + batch B` / `... + 1 worker + batch B`: `--batch_size B` images of the same canvas per forward.
 
 Each setting runs `--runs` times (after one untimed warm-up run of the first setting); the table gives the median
 images/s and, on CPU, the calibrated ratio seconds-per-image / calibration seconds (`../shared/benchmarks/
@@ -95,6 +95,7 @@ def main(argv=None):
     settings.append(("text once", lambda paths: fixed_prompt(model, processor, paths, names, limits, 1, 0)))
     settings.append(("text once + 1 worker", lambda paths: fixed_prompt(model, processor, paths, names, limits, 1, 1)))
     for batch in args.batch_sizes:
+        settings.append((f"text once + batch {batch}", lambda paths, batch=batch: fixed_prompt(model, processor, paths, names, limits, batch, 0)))
         settings.append((f"text once + 1 worker + batch {batch}", lambda paths, batch=batch: fixed_prompt(model, processor, paths, names, limits, batch, 1)))
 
     with tempfile.TemporaryDirectory() as folder:
