@@ -1,4 +1,4 @@
-"""Checks of per-image detection inputs shared by the box metrics (`coco_detection`, `lvis_detection`).
+"""Features and checks of per-image detection inputs shared by the box metrics (`coco_detection`, `lvis_detection`).
 
 `evaluate.load` copies a metric script together with the modules it imports relatively FROM ITS OWN FOLDER, so each
 metric folder holds `detection_inputs.py` as a symbolic link to this one file: one implementation, and every metric
@@ -8,6 +8,23 @@ Each check raises a ValueError that names the record kind ("reference" / "predic
 
 import math
 from typing import Iterable, Mapping, Sequence
+
+import datasets
+
+
+def box_list_feature() -> datasets.Sequence:
+    """Per image: a list of [x, y, w, h] boxes."""
+    return datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+
+
+def prediction_features() -> dict:
+    """The `predictions` record of the box metrics: image id, boxes, scores, category ids."""
+    return {
+        "image_id": datasets.Value("int64"),
+        "boxes": box_list_feature(),
+        "scores": datasets.Sequence(datasets.Value("float64")),
+        "labels": datasets.Sequence(datasets.Value("int64")),
+    }
 
 
 def check_values(kind: str, image_id: int, field: str, values, minimum: float = -math.inf) -> None:

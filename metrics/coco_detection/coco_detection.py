@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .detection_inputs import check_boxes, check_same_lengths, check_values
+from .detection_inputs import box_list_feature, check_boxes, check_same_lengths, check_values, prediction_features
 
 _DESCRIPTION = """
 COCO-style box detection metrics (AP over IoU 0.50:0.95, AP50, AP75, AP and AR by object size, AR at 1/10/100
@@ -45,10 +45,6 @@ STAT_NAMES = (
 )
 
 
-def _box_list():
-    return datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CocoDetection(evaluate.Metric):
     def _info(self):
@@ -58,15 +54,10 @@ class CocoDetection(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {
-                    "predictions": {
-                        "image_id": datasets.Value("int64"),
-                        "boxes": _box_list(),
-                        "scores": datasets.Sequence(datasets.Value("float64")),
-                        "labels": datasets.Sequence(datasets.Value("int64")),
-                    },
+                    "predictions": prediction_features(),
                     "references": {
                         "image_id": datasets.Value("int64"),
-                        "boxes": _box_list(),
+                        "boxes": box_list_feature(),
                         "labels": datasets.Sequence(datasets.Value("int64")),
                         "iscrowd": datasets.Sequence(datasets.Value("int64")),
                         "area": datasets.Sequence(datasets.Value("float64")),

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import evaluate
 
-from .detection_inputs import check_boxes, check_known_ids, check_same_lengths, check_values
+from .detection_inputs import box_list_feature, check_boxes, check_known_ids, check_same_lengths, check_values, prediction_features
 from .lvis_compat import load_lvis_api
 
 _DESCRIPTION = """
@@ -63,10 +63,6 @@ Example:
 PROTOCOLS = ("standard", "fixed")
 FREQUENCIES = ("r", "c", "f")
 AREA_RANGES = {"s": (0.0, 32.0**2), "m": (32.0**2, 96.0**2), "l": (96.0**2, 1e5**2)}  # LVISEval's Params.area_rng
-
-
-def _box_list():
-    return datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -220,15 +216,10 @@ class LvisDetection(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {
-                    "predictions": {
-                        "image_id": datasets.Value("int64"),
-                        "boxes": _box_list(),
-                        "scores": datasets.Sequence(datasets.Value("float64")),
-                        "labels": datasets.Sequence(datasets.Value("int64")),
-                    },
+                    "predictions": prediction_features(),
                     "references": {
                         "image_id": datasets.Value("int64"),
-                        "boxes": _box_list(),
+                        "boxes": box_list_feature(),
                         "labels": datasets.Sequence(datasets.Value("int64")),
                         "area": datasets.Sequence(datasets.Value("float64")),
                         "neg_category_ids": datasets.Sequence(datasets.Value("int64")),
