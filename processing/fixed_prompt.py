@@ -69,8 +69,7 @@ class FixedPromptDetector:
         **post_processing,
     ):
         self.model, self.processor, self.post_processing = model, processor, post_processing
-        parameter = next(model.parameters())
-        self.device = parameter.device
+        self.device = next(model.parameters()).device
         encoded = processor(text=text, phrases=phrases, names_per_chunk=names_per_chunk)  # (R, T): the rows of ONE image
         if len(encoded["text_labels"]) != 1:
             raise ValueError(f"text: one prompt for all images is expected, got {len(encoded['text_labels'])} per-image prompts")
