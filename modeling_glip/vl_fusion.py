@@ -23,6 +23,31 @@ TEXT_MASK_FILL = -9e15
 MIN_CLAMP_VALUE = 1000.0
 
 
+def explicit_softmax_applies(scores: torch.Tensor) -> bool:
+    """Whether the fusion's two softmaxes run as `explicit_softmax`: fp32 inference on CPU, outside tracing.
+
+    There, over the (B, N, heads * T) scores (N ~22k positions), `torch.softmax` along dim 1 takes 2.2x the explicit
+    passes and sums less accurately (max error against float64 6.5e-5, explicit 2.7e-7, at N = 22400), and along
+    the last dim it allocates a second score-sized buffer where the explicit form reuses the scores' own memory
+    (benchmarks/README.md). Autograd, half precision, other devices, torch.compile and ONNX export keep the fused
+    `torch.softmax`.
+    """
+    return (
+        scores.device.type == "cpu"
+        and scores.dtype == torch.float32
+        and not (torch.is_grad_enabled() and scores.requires_grad)
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def explicit_softmax(scores: torch.Tensor, dim: int, in_place: bool) -> torch.Tensor:
+    """softmax(scores, dim) as exp(scores - max) / sum in three passes; `in_place` overwrites `scores` with it."""
+    shifted = scores.sub_(scores.amax(dim, keepdim=True)) if in_place else torch.sub(scores, scores.amax(dim, keepdim=True))
+    shifted.exp_()
+    return shifted.div_(shifted.sum(dim, keepdim=True))
+
+
 class HeadwiseLinear(nn.Linear):
     """A `nn.Linear` between a feature space and `num_heads` concatenated head spaces of `head_dim` each."""
 
@@ -126,9 +151,14 @@ class BiMultiHeadAttention(nn.Module):
         # The original first subtracts the column max and clamps to +-clamp again: softmax subtracts the max itself,
         # and the second clamp only moves entries below -clamp, whose exp is 0 before and after
         # (clamp_value >= MIN_CLAMP_VALUE).
-        probs_text = nn.functional.dropout(scores.softmax(dim=1), p=self.dropout, training=self.training)
+        explicit = explicit_softmax_applies(scores)
+        probs_text = explicit_softmax(scores, dim=1, in_place=False) if explicit else scores.softmax(dim=1)
+        probs_text = nn.functional.dropout(probs_text, p=self.dropout, training=self.training)
         attended = torch.bmm(probs_text.transpose(1, 2), vision).view(batch, heads, num_tokens, -1)  # P'_h v
-        attended_mass = probs_text.sum(dim=1).view(batch, heads, num_tokens)  # P'_h 1: ones, unless dropout rescaled
+        if self.training and self.dropout > 0:  # P'_h 1: dropout rescales the probabilities
+            attended_mass = probs_text.sum(dim=1).view(batch, heads, num_tokens)
+        else:  # each softmax column sums to 1
+            attended_mass = probs_text.new_ones(batch, heads, num_tokens)
         delta_text = self.out_l_proj(self.values_v_proj(attended, attended_mass))
 
         # image positions attend to words: a softmax over each head's T tokens. The original adds +1 to valid tokens
@@ -137,7 +167,8 @@ class BiMultiHeadAttention(nn.Module):
         text_mask = torch.zeros(text_attention_mask.shape, dtype=scores.dtype, device=scores.device)
         text_mask = text_mask.masked_fill(text_attention_mask == 0, fill)
         scores = scores.view(batch, positions, heads, num_tokens).add_(text_mask[:, None, None, :])
-        probs_vision = nn.functional.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)
+        probs_vision = explicit_softmax(scores, dim=-1, in_place=True) if explicit else scores.softmax(dim=-1)  # scores are done
+        probs_vision = nn.functional.dropout(probs_vision, p=self.dropout, training=self.training)
         value_text = self.values_l_proj(text).view(batch, num_tokens, heads, self.head_dim)
         delta_vision = self.out_v_proj(probs_vision.view(batch, positions, heads * num_tokens), value_text)
 

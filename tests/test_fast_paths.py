@@ -12,7 +12,7 @@ from torchvision.ops import deform_conv2d
 from modeling_glip.configuration_glip import GLIPConfig
 from modeling_glip.dyconv import DyConv, ModulatedDeformConv2d, modulated_deform_conv2d
 from modeling_glip.modeling_glip import GLIPModel
-from modeling_glip.vl_fusion import TEXT_MASK_FILL, BiMultiHeadAttention
+from modeling_glip.vl_fusion import TEXT_MASK_FILL, BiMultiHeadAttention, explicit_softmax, explicit_softmax_applies
 from tests.test_modeling_glip import make_inputs, tiny_config
 
 ATOL = 1e-4
@@ -98,6 +98,36 @@ def test_bi_attention_gradients_match():
         (delta_vision.square().sum() + delta_text.square().sum()).backward()
         grads.append([vision.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
     assert max_diff(*grads) < ATOL
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_explicit_softmax_is_torch_softmax(dim):
+    scores = torch.randn(2, 500, 24, generator=torch.Generator().manual_seed(0)) * 30
+    scores[0, :, 3] = 50000.0  # a column / row of equal, clamped scores
+    expected = scores.double().softmax(dim)
+    assert (explicit_softmax(scores, dim, in_place=False).double() - expected).abs().max() < 1e-6
+    copy = scores.clone()
+    result = explicit_softmax(copy, dim, in_place=True)
+    assert result.data_ptr() == copy.data_ptr() and (result.double() - expected).abs().max() < 1e-6
+
+
+def test_explicit_softmax_applies_to_fp32_cpu_inference_only():
+    scores = torch.randn(1, 4, 6)
+    assert explicit_softmax_applies(scores)
+    assert not explicit_softmax_applies(scores.bfloat16())
+    assert not explicit_softmax_applies(scores.requires_grad_(True))
+    with torch.no_grad():
+        assert explicit_softmax_applies(scores)
+
+
+def test_bi_attention_softmax_forms_are_one_function():
+    """The explicit softmax passes (inference) and torch.softmax (autograd) give the same attention."""
+    attn = make_attention(clamp_value=1000.0, weight_std=1.0)
+    vision, text, mask = attention_inputs()
+    with torch.no_grad():
+        explicit = attn(vision, text, mask)
+    fused = [output.detach() for output in attn(vision.clone().requires_grad_(True), text, mask)]
+    assert max_diff(explicit, fused) <= 1e-6 * max(1.0, max(output.abs().max().item() for output in fused))
 
 
 def test_bi_attention_rejects_a_clamp_too_small_for_its_softmax():
