@@ -9,11 +9,15 @@ the speedup over the original GLIP is  original ratio / (our median / calibratio
     python benchmarks/benchmark_inference.py --prompts three coco80 --batch_sizes 1 --runs 3   # the speedup cases
     python benchmarks/benchmark_inference.py --prompts three --batch_sizes 1 --runs 1 --warmup 0 --no_calibration
     python benchmarks/benchmark_inference.py --fixed_vocab_images 10 --prompts coco80 lvis     # text encoded once
+    python benchmarks/benchmark_inference.py --prompts three coco80 --batch_sizes 1 --allocator keep-freed
     python benchmarks/benchmark_inference.py --backend onnxruntime --checkpoint checkpoints/glip-demo --prompts three --batch_sizes 1
 
 Backends: `eager`, `compile` (`torch.compile(model, fullgraph=True)`, compiled in the warm-up) and `onnxruntime` (the
 case's inputs exported with `modeling_glip.export_glip.export_onnx`, static shapes, run with `run_onnx`; export time
 reported as `setup_s`). The per-part breakdown needs eager modules (forward hooks), so it is eager-only.
+
+Allocators (`--allocator system|keep-freed|tcmalloc`, the environment of every case process): glibc as it is, glibc
+keeping freed memory (`GLIBC_TUNABLES`, no mmap / trim) or a preloaded tcmalloc; see `ALLOCATORS`.
 
 Cases: prompts `three` ("cat. remote control. couch"), `coco80` (the 80 COCO names, 194 tokens), `lvis` (1203 LVIS-length
 names, split by GLIPProcessor into <=256-token chunks that run as one batch per image); batch sizes; dtypes (fp32 on
@@ -24,6 +28,7 @@ output heads with forward hooks (synchronised on CUDA), and post-processing sepa
 import argparse
 import importlib.util
 import json
+import os
 import random
 import resource
 import statistics
@@ -39,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 sys.path.insert(0, str(REPO))
 
-from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
+from modeling_glip.command_line import KEEP_FREED_TUNABLES, GLIPArgumentParser  # noqa: E402
 
 THREE_NAMES = ["cat", "remote control", "couch"]
 COCO_NAMES = [
@@ -54,6 +59,26 @@ COCO_NAMES = [
 ]  # fmt: skip
 ORIGINAL_RATIOS = {"coco80": 22.8, "three": 25.7}  # original median / calibration median (original_timing.json)
 TOWER_PARTS = ("VLFuse", "BertLayer", "DyConv")
+
+
+# CPU memory allocators for `--allocator` (environment of each case's process): glibc as it is, glibc keeping freed
+# memory (`modeling_glip.command_line.keep_freed_memory`, what glip-detect does) or gperftools' tcmalloc preloaded
+# (Debian libtcmalloc-minimal4).
+ALLOCATORS = ("system", "keep-freed", "tcmalloc")
+
+
+def allocator_environment(allocator: str) -> dict:
+    """The environment variables that select `allocator` for a new process; SystemExit when it is not installed."""
+    if allocator == "keep-freed":
+        return {"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}
+    if allocator == "tcmalloc":
+        import ctypes.util
+
+        library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+        if library is None:
+            raise SystemExit("--allocator tcmalloc: no libtcmalloc found (Debian: apt-get install libtcmalloc-minimal4)")
+        return {"LD_PRELOAD": library}
+    return {}
 
 
 def bert_vocab_dir() -> Path:
@@ -223,6 +248,7 @@ def run_case(args):
     result = {
         "prompt": args.prompt,
         "backend": args.backend,
+        "allocator": args.allocator,
         "model": str(args.checkpoint or "GLIP-T (random weights)"),
         "setup_s": setup_seconds,
         "batch": args.batch,
@@ -298,13 +324,14 @@ def print_tables(results):
     cases = [r for r in results if "prompt" in r]
     if cases:
         parts = ["backbone", "text encoder", "VLFuse", "BertLayer", "DyConv", "heads", "post-processing"]
-        header = ["model", "backend", "prompt", "batch", "dtype", "rows x tokens", "median s", "s / image", "calib s", "ratio", "speedup", "peak RSS MiB"]
+        header = ["model", "backend", "allocator", "prompt", "batch", "dtype", "rows x tokens", "median s", "s / image", "calib s", "ratio", "speedup", "peak RSS MiB"]
         print("| " + " | ".join(header + [f"{p} s" for p in parts]) + " |")
         print("|" + "---|" * (len(header) + len(parts)))
         for r in cases:
             cells = [
                 r["model"],
                 r["backend"],
+                r.get("allocator", "system"),
                 r["prompt"],
                 r["batch"],
                 r["dtype"],
@@ -343,6 +370,7 @@ def main():
     parser.add_argument("--fixed_vocab_images", type=int, default=0, help="also time N images with each label set encoded once")
     parser.add_argument("--candidate_threshold", type=float, default=0.05, help="post-processing candidate threshold (INFERENCE_TH)")
     parser.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime"], help="how the model runs")
+    parser.add_argument("--allocator", default="system", choices=ALLOCATORS, help="CPU memory allocator of the case processes (see ALLOCATORS)")
     parser.add_argument("--checkpoint", type=Path, help="a saved GLIP model + processor folder (default: GLIP-T, random weights)")
     parser.add_argument("--json", type=Path, help="write all results to this file")
     parser.add_argument("--case", choices=["model", "fixed"], help=argparse.SUPPRESS)  # internal: run one case here
@@ -369,12 +397,13 @@ def main():
             if args.fixed_vocab_images:
                 jobs.append(["--case", "fixed", "--prompt", prompt, "--batch", str(args.batch_sizes[0]), "--dtype", dtype])
     common = ["--device", args.device, "--threads", str(args.threads), "--warmup", str(args.warmup), "--candidate_threshold", str(args.candidate_threshold)]
-    common += ["--backend", args.backend] + ([] if args.checkpoint is None else ["--checkpoint", str(args.checkpoint)])
+    common += ["--backend", args.backend, "--allocator", args.allocator] + ([] if args.checkpoint is None else ["--checkpoint", str(args.checkpoint)])
     common += ["--fixed_vocab_images", str(args.fixed_vocab_images)] + ([] if args.calibration else ["--no_calibration"])
+    environment = {**os.environ, **allocator_environment(args.allocator)}
     results = []
     for job in jobs:  # one process per case, one after the other
         print("running", " ".join(job), file=sys.stderr, flush=True)
-        completed = subprocess.run([sys.executable, __file__, *job, *common], capture_output=True, text=True)
+        completed = subprocess.run([sys.executable, __file__, *job, *common], capture_output=True, text=True, env=environment)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         if completed.returncode or not lines:
             print(completed.stdout[-2000:], completed.stderr[-4000:], file=sys.stderr)
