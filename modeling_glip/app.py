@@ -32,7 +32,7 @@ from processing import load_rgb_image, post_processing_limits
 from processing.atomic_files import write_atomically
 from processing.post_processing_glip import check_fraction, check_integer
 
-from .command_line import GLIPArgumentParser, checked_model_path
+from .command_line import GLIPArgumentParser, checked_model_path, keep_freed_memory
 from .cli import (
     DEFAULT_THRESHOLD,
     annotate,
@@ -245,6 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not 1 <= args.port <= 65535:
         build_parser().error(f"argument --port: must be in [1, 65535], got {args.port}")
+    keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix="glip-app-") as output_root:
         page = build_app(args.model, output_root)
         try:

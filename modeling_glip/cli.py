@@ -42,7 +42,7 @@ from processing import post_processing_limits
 from processing.atomic_files import write_atomically
 from processing.fixed_prompt import FixedPromptDetector, detect_files
 
-from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, load_processor, non_negative_int, positive_int
+from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, keep_freed_memory, load_processor, non_negative_int, positive_int
 
 # the bundled demo checkpoint: the repository's checkpoints/glip-demo (source checkout, `pip install -e .`), or the copy
 # that `pip install .` installs as package data (setup.py maps it to modeling_glip/glip_demo)
@@ -280,6 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.model == str(default_model()):  # an installed package without its data, or a moved checkout
             error = ValueError(f"{error}. The bundled demo checkpoint is missing: pass --model with a checkpoint folder (e.g. checkpoints/glip-demo of the glip-hf repository)")
         parser.error(str(error))
+    keep_freed_memory()
     try:
         model, processor = load_model(model_path, args.min_size, args.max_size)
     except ResolutionError as error:

@@ -6,7 +6,10 @@ spelling of every flag (`--output-dir`, `--top-k`) is accepted as the same flag.
 """
 
 import argparse
+import ctypes
 import math
+import os
+import platform
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +24,27 @@ from transformers import BertTokenizer
 from processing import GLIPImageProcessor, GLIPProcessor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+# glibc's mallopt parameters, and the tunables that set the same from the environment at start-up
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse in this process, as `GLIBC_TUNABLES=<KEEP_FREED_TUNABLES>` would at start.
+
+    glibc maps every block above 32 MB afresh and unmaps it when freed; a full-size GLIP forward on CPU allocates
+    dozens of 100-200 MB blocks (fusion scores, deformable-convolution columns), so each forward faults the same pages
+    in again: GLIP-T at 800x1333 runs 1.2x (80 names) to 1.25x (3 names) faster without that (benchmarks/README.md,
+    `benchmark_inference.py --allocator`). The process keeps its peak memory instead of returning it. The inference
+    entry points (`glip-detect`, `glip-app`) call this; a library user sets the environment variable instead. Does
+    nothing (returns False) without glibc or when `GLIBC_TUNABLES` already sets a malloc tunable.
+    """
+    if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

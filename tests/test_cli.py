@@ -1,6 +1,7 @@
 """`glip-detect`: table, COCO results + info files, annotated PNGs, and its behaviour on bad arguments and bad images."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -238,3 +239,35 @@ def test_annotation_is_legible_at_any_size(size, scale, min_tag_height, max_tag_
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-c", "from importlib.metadata import entry_points; print([e.value for e in entry_points(group='console_scripts') if e.name == 'glip-detect'])"], capture_output=True, text=True)
     assert "modeling_glip.cli:main" in result.stdout
+
+
+FREED_MEMORY_PROBE = """
+import os, sys, torch
+from modeling_glip.command_line import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before = resident_mib()
+block = torch.ones(50 * 2**20)  # 200 MB, written
+del block
+print(applied, round(resident_mib() - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc")
+@pytest.mark.parametrize("mode", ["keep", "system"])
+def test_keep_freed_memory_keeps_a_freed_large_block(mode):
+    """glip-detect's allocator setting: a freed 200 MB block stays in the process for reuse instead of being unmapped."""
+    completed = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, mode], capture_output=True, text=True, check=True)
+    applied, kept_mib = completed.stdout.split()
+    if mode == "keep":
+        assert applied == "True" and int(kept_mib) > 150
+    else:
+        assert int(kept_mib) < 50
+
+
+def test_keep_freed_memory_leaves_a_tunables_choice_alone():
+    code = "from modeling_glip.command_line import keep_freed_memory; print(keep_freed_memory())"
+    environment = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment)
+    assert completed.stdout.strip() == "False"
