@@ -10,7 +10,7 @@ read inside the forward of the module that owns it (what Accelerate's offload ho
 checkpoint keys stay the original's (`v_proj`, `values_v_proj`, `out_v_proj`).
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from timm.layers import DropPath
