@@ -30,7 +30,8 @@ def explicit_softmax_applies(scores: torch.Tensor) -> bool:
     passes and sums less accurately (max error against float64 6.5e-5, explicit 2.7e-7, at N = 22400), and along
     the last dim it allocates a second score-sized buffer where the explicit form reuses the scores' own memory
     (benchmarks/README.md). Autograd, half precision, other devices, torch.compile and ONNX export keep the fused
-    `torch.softmax`.
+    `torch.softmax`; the two forms agree within rounding (1e-6 relative), not bit for bit, so a forward with autograd
+    on can differ from one under `torch.no_grad()` in the last digits.
     """
     return (
         scores.device.type == "cpu"
