@@ -22,7 +22,10 @@ Prints a table per image and writes into the output directory:
   side is under 480 px is drawn enlarged to 480 px (boxes scaled with it), so that its labels stay legible.
 
 An image that cannot be read or processed is reported on one line and skipped; both JSON files are always written
-(atomically), also when images fail or the run is interrupted. Exit status: 0, 1 when some image failed, 2 for bad
+(atomically), also when images fail or the run is interrupted. While the run lasts, every finished image is also
+appended to `detections.partial.jsonl` (flushed to disk), so that a run killed outright (kill -9, power loss) loses at
+most the image in progress: the same command again resumes after the finished images (other settings or inputs
+start over), and the journal is removed once a run completes. Exit status: 0, 1 when some image failed, 2 for bad
 arguments, 130 when interrupted. Works offline with a local checkpoint.
 
 The prompt, model loading, detection, annotation and report pieces are shared with `glip-app` (modeling_glip/app.py).
@@ -30,6 +33,7 @@ The prompt, model loading, detection, annotation and report pieces are shared wi
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -256,6 +260,49 @@ def image_record(image_id: int, file_name: str, image: Image.Image, annotated_im
     return {"id": image_id, "file_name": file_name, "width": image.width, "height": image.height, "annotated_image": annotated_image}
 
 
+class ResultJournal:
+    """`detections.partial.jsonl` in the output directory: the run's settings on the first line, then one line per
+    finished image ({"index", "image": its detections_info record, "results": its COCO results}), each flushed and
+    fsync'ed as it is written. A killed run leaves it behind; `finished()` gives the images a rerun with the same
+    settings can skip (a torn last line, from a kill mid-write, is ignored)."""
+
+    NAME = "detections.partial.jsonl"
+
+    def __init__(self, output_dir: Path, settings: dict):
+        self.path = Path(output_dir) / self.NAME
+        self.settings = json.loads(json.dumps(settings))  # as read back (tuples -> lists)
+
+    def finished(self) -> dict:
+        """index -> {"image", "results"} of a previous run with the same settings; {} when there is none."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return {}
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # torn by a kill mid-write: everything before it stands
+        if not entries or entries[0] != {"settings": self.settings}:
+            return {}
+        return {entry["index"]: entry for entry in entries[1:]}
+
+    def start(self, finished: dict) -> None:
+        """Rewrite the journal with the settings and the `finished` entries kept from a previous run."""
+        lines = [{"settings": self.settings}, *(finished[index] for index in sorted(finished))]
+        write_atomically(self.path, lambda handle: handle.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
+
+    def append(self, index: int, image: dict, results: list) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"index": index, "image": image, "results": results}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def write_reports(output_dir: Path, results: list, images: list, categories: List[str], failures: list) -> None:
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(categories)]
     info = {"images": images, "categories": categories, "failed_images": failures}
@@ -305,15 +352,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     categories = category_names(prompt)
     results, images, failures = [], [], []
     png_names = annotated_names(paths)
-    done = 0
+    settings = {"model": model_path, "prompt": prompt, "threshold": args.threshold, "top_k": args.top_k, "limits": limits}
+    settings.update(image_processor=json.loads(processor.image_processor.to_json_string()), images=[str(Path(path).resolve()) for path in paths])
+    journal = ResultJournal(output_dir, settings)
+    finished = {
+        index: entry for index, entry in journal.finished().items() if 0 <= index < len(paths) and (output_dir / png_names[index]).is_file()
+    }
+    if finished:
+        print(f"glip-detect: resuming: {len(finished)} of {len(paths)} image(s) already done ({journal.path})", file=sys.stderr)
+    elif journal.path.exists():
+        print(f"glip-detect: {journal.path} is from a run with other settings or inputs: starting over", file=sys.stderr)
+    for entry in finished.values():
+        images.append(entry["image"])
+        results.extend(entry["results"])
+    journal.start(finished)
+    remaining = [index for index in range(len(paths)) if index not in finished]
+    done = len(finished)
     detector = prompt_detector(model, processor, prompt, args.threshold, limits)
+    completed = False
     try:
-        for item in tqdm(detect_files(detector, paths, args.batch_size, args.num_workers), total=len(paths), desc="images", unit="img", disable=len(paths) < 2):
-            error = item.error
+        files = detect_files(detector, [paths[index] for index in remaining], args.batch_size, args.num_workers)
+        for item in tqdm(files, total=len(remaining), desc="images", unit="img", disable=len(remaining) < 2):
+            index, error = remaining[item.index], item.error
             if error is None:
                 detections = keep_top(item.result, args.top_k)
                 try:
-                    write_atomically(output_dir / png_names[item.index], lambda handle: annotate(item.image, detections).save(handle, format="PNG"))
+                    write_atomically(output_dir / png_names[index], lambda handle: annotate(item.image, detections).save(handle, format="PNG"))
                 except (ValueError, OSError) as failure:
                     error = f"{type(failure).__name__}: {_one_line(failure)}"
             if error is not None:  # this image only: unreadable, too elongated, out of memory, annotation not writable
@@ -321,16 +385,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"glip-detect: skipped {item.path}: {error}", file=sys.stderr)
                 continue
             print_table(item.path, detections)
-            images.append(image_record(item.index, item.path, item.image, png_names[item.index]))
-            results.extend(coco_results(item.index, detections))
+            images.append(image_record(index, item.path, item.image, png_names[index]))
+            image_results = coco_results(index, detections)
+            results.extend(image_results)
+            journal.append(index, images[-1], image_results)
             done += 1
+        completed = True
     except KeyboardInterrupt:
-        print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(paths)} image(s)", file=sys.stderr)
+        print(f"\nglip-detect: interrupted after {done + len(failures)} of {len(paths)} image(s); the same command resumes", file=sys.stderr)
         return 130
     finally:  # whatever happened, the finished images are on disk, in input order
         images.sort(key=lambda record: record["id"])
         results.sort(key=lambda record: record["image_id"])
         write_reports(output_dir, results, images, categories, failures)
+        if completed:  # an interrupted or crashed run keeps its journal for the rerun
+            journal.remove()
     print(f"\nwrote {output_dir / 'detections.json'}, {output_dir / 'detections_info.json'} and {done} annotated image(s) to {output_dir}/")
     if failures:
         print(f"glip-detect: {len(failures)} of {len(paths)} image(s) failed (listed in detections_info.json)", file=sys.stderr)

@@ -205,7 +205,54 @@ def test_interrupt_still_writes_the_finished_images(tiny_glip_checkpoint, tmp_pa
     info = json.loads((output / "detections_info.json").read_text())
     assert [image["file_name"] for image in info["images"]] == [str(paths[0])]
     assert {r["image_id"] for r in json.loads((output / "detections.json").read_text())} == {0}
-    assert sorted(p.name for p in output.iterdir()) == ["detections.json", "detections_info.json", "img0_detections.png"]  # no temp files
+    # no temp files; the journal stays for the rerun
+    assert sorted(p.name for p in output.iterdir()) == ["detections.json", "detections.partial.jsonl", "detections_info.json", "img0_detections.png"]
+
+
+def test_a_killed_run_resumes_after_its_finished_images(tiny_glip_checkpoint, tmp_path, monkeypatch, capsys):
+    """kill -9 after two images (simulated: the journal and PNGs are what such a run leaves, detections*.json are
+    not written): the same command detects only the third image and reports all three; other settings start over."""
+    paths = [str(write_image(tmp_path / f"img{index}.png", seed=index)) for index in range(3)]
+    arguments = [*paths, "--labels", "cat, remote control", "--threshold", "0"]
+    complete = tmp_path / "complete"
+    assert run(arguments, tiny_glip_checkpoint, complete) == 0
+    assert not (complete / "detections.partial.jsonl").exists()  # removed once the run completed
+    expected = json.loads((complete / "detections.json").read_text())
+
+    real_append, appended = cli.ResultJournal.append, []
+
+    def killed_after_two(self, *args):
+        real_append(self, *args)
+        appended.append(1)
+        if len(appended) == 2:
+            raise SystemExit("killed")  # not KeyboardInterrupt: nothing of glip-detect's own handling runs
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(cli.ResultJournal, "append", killed_after_two)
+    with pytest.raises(SystemExit, match="killed"):
+        run(arguments, tiny_glip_checkpoint, killed)
+    monkeypatch.undo()
+    for name in ("detections.json", "detections_info.json"):
+        (killed / name).unlink()  # what kill -9 leaves: no reports
+    with open(killed / "detections.partial.jsonl", "a") as journal:
+        journal.write('{"index": 2, "ima')  # torn by the kill mid-write
+    capsys.readouterr()
+
+    detected = []
+    real_detect_files = cli.detect_files
+    monkeypatch.setattr(cli, "detect_files", lambda detector, files, *rest: detected.extend(files) or real_detect_files(detector, files, *rest))
+    assert run(arguments, tiny_glip_checkpoint, killed) == 0
+    assert "resuming: 2 of 3 image(s) already done" in capsys.readouterr().err
+    assert detected == [paths[2]]
+    assert json.loads((killed / "detections.json").read_text()) == expected
+    assert [image["file_name"] for image in json.loads((killed / "detections_info.json").read_text())["images"]] == paths
+    assert not (killed / "detections.partial.jsonl").exists()
+
+    # a journal of other settings is not mixed in
+    (killed / "detections.partial.jsonl").write_text(json.dumps({"settings": {"threshold": 0.9}}) + "\n")
+    detected.clear()
+    assert run(arguments, tiny_glip_checkpoint, killed) == 0
+    assert "other settings or inputs: starting over" in capsys.readouterr().err and detected == paths
 
 
 @pytest.mark.parametrize("size, scale, min_tag_height, max_tag_height", [((40, 40), 12, 12, 30), ((160, 160), 3, 12, 30), ((1200, 3000), 1, 25, 60)])
