@@ -33,7 +33,6 @@ The prompt, model loading, detection, annotation and report pieces are shared wi
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from processing import post_processing_limits
-from processing.atomic_files import write_atomically
+from processing.atomic_files import append_durably, write_atomically
 from processing.fixed_prompt import FixedPromptDetector, detect_files
 
 from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, keep_freed_memory, load_processor, non_negative_int, positive_int
@@ -294,10 +293,7 @@ class ResultJournal:
         write_atomically(self.path, lambda handle: handle.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
 
     def append(self, index: int, image: dict, results: list) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"index": index, "image": image, "results": results}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self.path, json.dumps({"index": index, "image": image, "results": results}) + "\n")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

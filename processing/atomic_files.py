@@ -1,4 +1,5 @@
-"""One way to write a file so that a reader (or a rerun after `kill -9`) sees the old file or the whole new one."""
+"""Writes that survive `kill -9`: a whole file replaced atomically (a reader sees the old file or the whole new one), and
+a line appended durably (on disk before the call returns)."""
 
 import os
 import tempfile
@@ -18,3 +19,11 @@ def write_atomically(path: Union[str, Path], write: Callable[[IO[bytes]], None])
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def append_durably(path: Union[str, Path], text: str) -> None:
+    """Append `text` (UTF-8) to `path` and fsync it: once this returns, the text survives a kill -9 or a power loss."""
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
