@@ -128,6 +128,26 @@ class Timer:
 
         self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
+    def watch_parts(self, model):
+        """Time GLIP's parts: backbone, FPN, text encoder, each tower module type and the whole head."""
+        self.watch(model.backbone, "backbone")
+        self.watch(model.fpn, "fpn")
+        self.watch(model.text_model, "text encoder")
+        for layer in model.head.layers:
+            self.watch(layer.vl_fuse, "VLFuse")
+            self.watch(layer.text_layer, "BertLayer")
+            self.watch(layer.dyconv, "DyConv")
+        self.watch(model.head, "head")
+
+
+def part_seconds(runs) -> dict:
+    """Median seconds per part over runs of `Timer.watch_parts` totals: "backbone" includes the FPN, "heads" is the
+    head without its tower layers (dot product, box and centerness predictors)."""
+    parts = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    parts["heads"] = parts.pop("head") - sum(parts.get(name, 0.0) for name in TOWER_PARTS)
+    parts["backbone"] += parts.pop("fpn")
+    return parts
+
 
 def build(device, dtype, checkpoint=None):
     """GLIP-T with random weights and GLIP's processor, or the model and processor saved in `checkpoint`."""
@@ -202,14 +222,7 @@ def run_case(args):
     forward, setup_seconds = backend_forward(model, inputs, args)
     timer = Timer(device)
     if args.backend == "eager":
-        timer.watch(model.backbone, "backbone")
-        timer.watch(model.fpn, "fpn")
-        timer.watch(model.text_model, "text encoder")
-        for layer in model.head.layers:
-            timer.watch(layer.vl_fuse, "VLFuse")
-            timer.watch(layer.text_layer, "BertLayer")
-            timer.watch(layer.dyconv, "DyConv")
-        timer.watch(model.head, "head")
+        timer.watch_parts(model)
 
     def step():
         timer.sync()
@@ -225,7 +238,7 @@ def run_case(args):
 
     for _ in range(args.warmup):
         step()
-    runs, calibrations, parts, post = [], [], defaultdict(list), []
+    runs, calibrations, parts, post = [], [], [], []
     if calibrate:
         calibrations.append(calibrate())
     if device.type == "cuda":
@@ -235,15 +248,10 @@ def run_case(args):
         seconds, post_seconds, num_detections = step()
         runs.append(seconds)
         post.append(post_seconds)
-        for name, value in timer.totals.items():
-            parts[name].append(value)
+        parts.append(dict(timer.totals))
         if calibrate:
             calibrations.append(calibrate())
-    breakdown = {name: statistics.median(values) for name, values in parts.items()}
-    if args.backend == "eager":
-        tower = sum(breakdown.get(name, 0.0) for name in TOWER_PARTS)
-        breakdown["heads"] = breakdown.pop("head") - tower  # dot product, box and centerness predictors
-        breakdown["backbone"] += breakdown.pop("fpn")
+    breakdown = part_seconds(parts) if args.backend == "eager" else {}
     breakdown["post-processing"] = statistics.median(post)
     result = {
         "prompt": args.prompt,

@@ -2,7 +2,7 @@
 
 For one prompt case of `benchmark_inference.py` (GLIP-T, random weights, one 800x1333 image padded to 800x1344) it
 
-1. counts the floating-point operations of each part (backbone + FPN, text encoder, VLFuse, BERT layers, DyConv, heads)
+1. counts the floating-point operations of each part (backbone with the FPN, text encoder, VLFuse, BERT layers, DyConv, heads)
    with `torch.utils.flop_counter.FlopCounterMode`, i.e. 2 x multiply-adds of every matrix product and convolution the
    forward runs (element-wise work, softmax, GroupNorm and the deformable convolution's bilinear gather are not
    counted: they only add to the floor);
@@ -33,11 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_inference import ORIGINAL_RATIOS, SHARED_BENCHMARKS, Timer, build, make_images, model_inputs, prompt_names  # noqa: E402
+from benchmark_inference import ORIGINAL_RATIOS, SHARED_BENCHMARKS, Timer, build, make_images, model_inputs, part_seconds, prompt_names  # noqa: E402
 
 from modeling_glip.command_line import GLIPArgumentParser, positive_int  # noqa: E402
 
-PARTS = ("backbone + FPN", "text encoder", "VLFuse", "BertLayer", "DyConv", "heads")
+PARTS = ("backbone", "text encoder", "VLFuse", "BertLayer", "DyConv", "heads")  # as benchmark_inference.py: "backbone" includes the FPN
 
 
 def count_flops(model, inputs) -> dict:
@@ -48,7 +48,7 @@ def count_flops(model, inputs) -> dict:
         model(**inputs)
     per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     flops = lambda *names: sum(per_module.get(name, 0) for name in names)  # noqa: E731
-    totals = {"backbone + FPN": flops("GLIPModel.backbone", "GLIPModel.fpn"), "text encoder": flops("GLIPModel.text_model")}
+    totals = {"backbone": flops("GLIPModel.backbone", "GLIPModel.fpn"), "text encoder": flops("GLIPModel.text_model")}
     for part, attribute in (("VLFuse", "vl_fuse"), ("BertLayer", "text_layer"), ("DyConv", "dyconv")):
         totals[part] = flops(*(f"GLIPModel.head.layers.{index}.{attribute}" for index in range(len(model.head.layers))))
     totals["heads"] = flops("GLIPModel.head") - totals["VLFuse"] - totals["BertLayer"] - totals["DyConv"]
@@ -92,15 +92,10 @@ def main():
     flops = count_flops(model, inputs)
 
     timer = Timer(torch.device("cpu"))
-    for name, module in (("backbone + FPN", model.backbone), ("backbone + FPN", model.fpn), ("text encoder", model.text_model), ("head", model.head)):
-        timer.watch(module, name)
-    for layer in model.head.layers:
-        timer.watch(layer.vl_fuse, "VLFuse")
-        timer.watch(layer.text_layer, "BertLayer")
-        timer.watch(layer.dyconv, "DyConv")
+    timer.watch_parts(model)
     with torch.no_grad():
         model(**inputs)  # warm-up
-        parts, totals, calibrations, speeds = defaultdict(list), [], [], defaultdict(list)
+        parts, totals, calibrations, speeds = [], [], [], defaultdict(list)
         # the model's largest product: P3's 16800 positions x (9 taps x 256 channels) -> 256 (a DyConv convolution)
         shapes = [(2048, 2048, 2048), (16800, 2304, 256)]
         for _ in range(args.runs):
@@ -112,10 +107,8 @@ def main():
             start = time.perf_counter()
             model(**inputs)
             totals.append(time.perf_counter() - start)
-            for name, seconds in timer.totals.items():
-                parts[name].append(seconds)
-    measured = {name: statistics.median(values) for name, values in parts.items()}
-    measured["heads"] = measured.pop("head") - sum(measured[name] for name in ("VLFuse", "BertLayer", "DyConv"))
+            parts.append(dict(timer.totals))
+    measured = part_seconds(parts)
     speed = {shape: statistics.median(values) for shape, values in speeds.items()}
     peak = max(speed.values())
     total_seconds = statistics.median(totals)
