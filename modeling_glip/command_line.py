@@ -26,9 +26,10 @@ from processing import GLIPImageProcessor, GLIPProcessor
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-# glibc's mallopt parameters, and the tunables that set the same from the environment at start-up
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+# glibc malloc settings that keep freed memory: tunable name -> (mallopt parameter number, value); the same settings
+# as `GLIBC_TUNABLES` for a new process (benchmarks/benchmark_inference.py --allocator keep-freed)
+_KEEP_FREED_SETTINGS = {"mmap_max": (-4, 0), "trim_threshold": (-1, 2**31 - 1)}  # M_MMAP_MAX, M_TRIM_THRESHOLD
+KEEP_FREED_TUNABLES = ":".join(f"glibc.malloc.{name}={value}" for name, (_, value) in _KEEP_FREED_SETTINGS.items())
 
 
 def keep_freed_memory() -> bool:
@@ -44,7 +45,7 @@ def keep_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all([bool(libc.mallopt(parameter, value)) for parameter, value in _KEEP_FREED_SETTINGS.values()])
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
