@@ -285,7 +285,8 @@ class ResultJournal:
                 break  # torn by a kill mid-write: everything before it stands
         if not entries or entries[0] != {"settings": self.settings}:
             return {}
-        return {entry["index"]: entry for entry in entries[1:]}
+        # a line of any other shape (not written by `append`) is not trusted: its image is detected again
+        return {entry["index"]: entry for entry in entries[1:] if isinstance(entry, dict) and entry.keys() == {"index", "image", "results"} and isinstance(entry["index"], int)}
 
     def start(self, finished: dict) -> None:
         """Rewrite the journal with the settings and the `finished` entries kept from a previous run."""

@@ -235,6 +235,7 @@ def test_a_killed_run_resumes_after_its_finished_images(tiny_glip_checkpoint, tm
     for name in ("detections.json", "detections_info.json"):
         (killed / name).unlink()  # what kill -9 leaves: no reports
     with open(killed / "detections.partial.jsonl", "a") as journal:
+        journal.write('{"index": 1}\n')  # not a line `append` writes: not trusted
         journal.write('{"index": 2, "ima')  # torn by the kill mid-write
     capsys.readouterr()
 
