@@ -45,6 +45,7 @@ SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 sys.path.insert(0, str(REPO))
 
 from modeling_glip.command_line import KEEP_FREED_TUNABLES, GLIPArgumentParser  # noqa: E402
+from processing.atomic_files import write_json_atomically  # noqa: E402
 
 THREE_NAMES = ["cat", "remote control", "couch"]
 COCO_NAMES = [
@@ -420,7 +421,7 @@ def main():
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print_tables(results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json_atomically(args.json, results)
 
 
 if __name__ == "__main__":

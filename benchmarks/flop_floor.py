@@ -21,7 +21,6 @@ target above the floor's needs fewer operations (another algorithm) or lower pre
     python benchmarks/flop_floor.py --prompt three --runs 3
 """
 
-import json
 import statistics
 import sys
 import time
@@ -133,9 +132,9 @@ def main():
         )
         result.update({"calibration_median_s": calibration, "ratio": ratio, "floor_ratio": floor_ratio, "max_speedup": original / floor_ratio})
     if args.json:
-        from processing.atomic_files import write_atomically
+        from processing.atomic_files import write_json_atomically
 
-        write_atomically(args.json, lambda stream: stream.write((json.dumps(result, indent=1) + "\n").encode()))
+        write_json_atomically(args.json, result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ path runs in seconds on a CPU. A section that fails is reported in its row (the 
 exit status is 1 if any check failed. `--budget` (seconds) skips the remaining speed cases once spent.
 """
 
-import json
 import math
 import statistics
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from benchmark_inference import COCO_NAMES, bert_vocab_dir, make_images, model_inputs, to_device  # noqa: E402
 from modeling_glip.command_line import GLIPArgumentParser  # noqa: E402
+from processing.atomic_files import write_json_atomically  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "reference"
 DEMO = REPO / "checkpoints" / "glip-demo"
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     header = f"GLIP GPU check on {device_name}, torch {torch.__version__}{' (smoke sizes)' if args.smoke else ''}, {time.perf_counter() - started:.0f} s"
     print_table(rows, header)
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "smoke": args.smoke, "rows": rows}, indent=1))
+        write_json_atomically(args.json, {"device": device_name, "torch": torch.__version__, "smoke": args.smoke, "rows": rows})
     return 1 if any(row["status"] == "FAIL" for row in rows) else 0
 
 

@@ -37,7 +37,7 @@ from transformers import AutoProcessor
 
 from modeling_glip.modeling_glip import GLIPModel
 from processing import post_processing_limits
-from processing.atomic_files import write_atomically
+from processing.atomic_files import write_json_atomically
 from processing.evaluation import coco_references, load_coco_evaluation_set, predict_coco
 
 METRICS = Path(__file__).resolve().parents[1] / "metrics"
@@ -167,11 +167,6 @@ def sample_few_shot(data: dict, shots: int, seed: int) -> dict:
     }
 
 
-def write_json_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda stream: stream.write(json.dumps(data).encode()))
-
-
 def write_few_shot_sets(annotations: str, output_dir: str, shots: Sequence[int], seeds: Sequence[int]) -> List[dict]:
     """Every (k, seed) subset of a training file -> its COCO file; returns per file the classes short of k images."""
     data = json.loads(Path(annotations).read_text())
@@ -182,7 +177,8 @@ def write_few_shot_sets(annotations: str, output_dir: str, shots: Sequence[int],
         for seed in seeds:
             subset = sample_few_shot(data, k, seed)
             path = Path(output_dir) / f"fewshot_train_shot{k}_seed{seed}.json"
-            write_json_atomically(path, subset)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(path, subset, indent=None)
             images_of: Dict[int, set] = {}
             for annotation in subset["annotations"]:
                 images_of.setdefault(annotation["category_id"], set()).add(annotation["image_id"])
@@ -251,7 +247,8 @@ def run_evaluation(args, datasets: Sequence[dict], prompts: Dict[str, Dict[str, 
         print(f"{suite.ljust(width)}  {average['mAP']:6.3f}{note}")
     output = {"datasets": results, "averages": averages}
     if args.output:
-        write_json_atomically(Path(args.output), output)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(args.output, output, indent=None)
     return output
 
 

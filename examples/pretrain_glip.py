@@ -73,6 +73,7 @@ from modeling_glip.command_line import GLIPArgumentParser, checked_model_path, l
 from modeling_glip.configuration_glip import GLIPConfig, timm_backbone_config
 from modeling_glip.modeling_glip import GLIPModel, non_finite_tensors
 from processing import GLIPImageProcessor, GLIPProcessor
+from processing.atomic_files import fsync_path
 from processing.evaluation import coco_references, load_coco_evaluation_set, metrics_table, predict_coco
 from processing.train_transforms import GLIP_FLIP_PROB, GLIP_TRAIN_MAX_SIZE, GLIP_TRAIN_MIN_SIZES, GLIPTrainTransform
 from processing.training_data import (
@@ -483,14 +484,6 @@ def global_counts(accelerator: Accelerator, counts: Counter) -> Counter:
     return total
 
 
-def _fsync(path: Path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def checkpoint_problem(folder: Path) -> Optional[str]:
     """Why `folder` is not a complete checkpoint of this script, or None: its `trainer_state.json` (written last) must
     parse and every file it lists must be there with the size it was written with."""
@@ -547,7 +540,7 @@ def rotate_checkpoints(output_dir: Path, limit: int, keep: Optional[Path] = None
     rotated = [path for _, path in sorted(complete)[:-limit] if keep is None or path.resolve() != keep.resolve()]
     for path in rotated:
         os.replace(path, path.with_name(path.name + DELETING_SUFFIX))
-    _fsync(output_dir)
+    fsync_path(output_dir)
     for leftover in output_dir.glob(f"checkpoint-*{DELETING_SUFFIX}"):
         shutil.rmtree(leftover)
     return rotated
@@ -585,15 +578,15 @@ def save_checkpoint(
     if accelerator.is_main_process:
         files = {str(path.relative_to(partial)): path.stat().st_size for path in sorted(partial.rglob("*")) if path.is_file()}
         for name in files:
-            _fsync(partial / name)
+            fsync_path(partial / name)
         (partial / TRAINER_STATE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes, "files": files}, indent=1))
-        _fsync(partial / TRAINER_STATE)
-        _fsync(partial)
+        fsync_path(partial / TRAINER_STATE)
+        fsync_path(partial)
         replaced = final.with_name(final.name + ".replaced")
         if final.exists():  # the same step saved again (a resumed run): a folder cannot be renamed over a full one
             os.replace(final, replaced)
         os.replace(partial, final)
-        _fsync(output_dir)
+        fsync_path(output_dir)
         shutil.rmtree(replaced, ignore_errors=True)
         if total_limit is not None:
             for path in rotate_checkpoints(output_dir, total_limit, keep):

@@ -68,7 +68,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -86,8 +85,9 @@ from tqdm.auto import tqdm
 
 from modeling_glip.command_line import GLIPArgumentParser
 from modeling_glip.modeling_glip import GLIPModel
-from pretrain_glip import _fsync, exit_without_teardown
+from pretrain_glip import exit_without_teardown
 from processing import GLIPProcessor, load_rgb_image, post_processing_limits
+from processing.atomic_files import fsync_path
 from processing.evaluation import legacy_xyxy_to_coco
 from processing.noun_phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASE_METHODS, NounPhraseExtractor
 from processing.training_data import WARNINGS_PER_REASON
@@ -517,11 +517,13 @@ def pseudo_label_batch(model: GLIPModel, processor: GLIPProcessor, batch: dict, 
 # ----------------------------------------------------------------------------------------------------------------------
 # output: atomic units, manifest entries, merge
 # ----------------------------------------------------------------------------------------------------------------------
-def write_atomically(path: Path, data: bytes) -> None:
-    """`data` to `path` through a flushed temporary file in the same folder and one rename."""
+def replace_by_name(path: Path, data: bytes) -> None:
+    """`data` to `path` through a flushed temporary file in the same folder and one rename. The temporary file has a
+    fixed name (`path` + PARTIAL), not `processing.atomic_files.write_atomically`'s unique one, so that a rerun
+    overwrites what a killed write left and the output stays file for file an uninterrupted run's."""
     partial = path.with_name(path.name + PARTIAL)
     partial.write_bytes(data)
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, path)
 
 
@@ -563,8 +565,8 @@ def commit_unit(output: Path, end: dict, records: Dict[int, dict], payloads: Dic
         partial.mkdir(parents=True)
         for position, data in sorted(payloads.items()):
             (partial / Path(records[position]["file_name"]).name).write_bytes(data)
-            _fsync(partial / Path(records[position]["file_name"]).name)
-        _fsync(partial)
+            fsync_path(partial / Path(records[position]["file_name"]).name)
+        fsync_path(partial)
         shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted commit of this unit
         os.replace(partial, folder)
         files.update({f"images/{unit}/{Path(records[position]['file_name']).name}": len(data) for position, data in sorted(payloads.items())})
@@ -575,7 +577,7 @@ def commit_unit(output: Path, end: dict, records: Dict[int, dict], payloads: Dic
         data = "".join(json.dumps(records[position], ensure_ascii=False) + "\n" for position in sorted(records)).encode()
         shard = f"shards/{unit}.jsonl"
         (output / "shards").mkdir(exist_ok=True)
-        write_atomically(output / shard, data)
+        replace_by_name(output / shard, data)
         files[shard] = len(data)
     entry = {
         "unit": unit, "stream": end["stream"], "chunk": end["chunk"], "images": end["images"], "shard": shard,
@@ -583,7 +585,7 @@ def commit_unit(output: Path, end: dict, records: Dict[int, dict], payloads: Dic
         "last_in_stream": end["last_in_stream"], "stream_records": end["stream_records"], "counts": dict(sorted(counts.items())),
     }
     (output / "manifest.d").mkdir(exist_ok=True)
-    write_atomically(output / "manifest.d" / f"{unit}.json", json.dumps(entry, indent=1).encode())
+    replace_by_name(output / "manifest.d" / f"{unit}.json", json.dumps(entry, indent=1).encode())
     return entry
 
 
@@ -614,7 +616,7 @@ def merge(output: Path) -> dict:
         "settings": config,
         "units": list(entries.values()),
     }
-    write_atomically(output / MANIFEST, json.dumps(manifest, indent=1).encode())
+    replace_by_name(output / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -666,7 +668,7 @@ class Progress:
             return
         self.published = time.monotonic()
         data = {"token": self.token, "images": self.images, "done": done}
-        write_atomically(self.folder / f"rank-{self.accelerator.process_index:05d}.json", json.dumps(data).encode())
+        replace_by_name(self.folder / f"rank-{self.accelerator.process_index:05d}.json", json.dumps(data).encode())
         if self.accelerator.is_main_process:
             self._refresh()
 
@@ -700,7 +702,7 @@ def check_run_config(output: Path, config: dict, accelerator: Accelerator) -> st
     run's progress token (one for all processes)."""
     path = output / RUN_CONFIG
     if accelerator.is_main_process and not path.is_file():
-        write_atomically(path, json.dumps(config, indent=1).encode())
+        replace_by_name(path, json.dumps(config, indent=1).encode())
     token = [uuid.uuid4().hex if accelerator.is_main_process else None]
     broadcast_object_list(token)  # also a barrier: run_config.json exists from here on
     stored = json.loads(path.read_text())

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from processing import post_processing_limits
-from processing.atomic_files import append_durably, write_atomically
+from processing.atomic_files import append_durably, write_atomically, write_json_atomically
 from processing.fixed_prompt import FixedPromptDetector, detect_files
 
 from .command_line import GLIPArgumentParser, ResolutionError, checked_model_path, keep_freed_memory, load_processor, non_negative_int, positive_int
@@ -304,7 +304,7 @@ def write_reports(output_dir: Path, results: list, images: list, categories: Lis
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(categories)]
     info = {"images": images, "categories": categories, "failed_images": failures}
     for name, content in (("detections.json", results), ("detections_info.json", info)):
-        write_atomically(output_dir / name, lambda handle, content=content: handle.write(json.dumps(content, indent=1).encode()))
+        write_json_atomically(output_dir / name, content)
 
 
 def _one_line(error: BaseException) -> str:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .atomic_files import write_atomically
+from .atomic_files import write_atomically, write_json_atomically
 from .fixed_prompt import FixedPromptDetector
 from .image_conversion import load_rgb_image
 
@@ -116,7 +116,7 @@ class DetectionCache:
                 details = "; ".join(f"{key}: cached {saved.get(key)!r}, now {settings.get(key)!r}" for key in changed[:5])
                 raise ValueError(f"detection cache {self.folder} was written with other settings ({details}): use another folder")
         else:
-            write_atomically(path, lambda stream: stream.write(json.dumps(settings, indent=1).encode()))
+            write_json_atomically(path, settings)
 
     def path(self, image_id: int) -> Path:
         return self.folder / f"{int(image_id)}.safetensors"

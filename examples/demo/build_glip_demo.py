@@ -377,9 +377,9 @@ def evaluate(args):
         f" right name above both wrong names: {summary['single_name_right_above_both_wrong']:.1%}"
     )
     if args.output:
-        from processing.atomic_files import write_atomically
+        from processing.atomic_files import write_json_atomically
 
-        write_atomically(args.output, lambda stream: stream.write((json.dumps(summary, indent=1) + "\n").encode()))
+        write_json_atomically(args.output, summary)
 
 
 def main(argv: Optional[Sequence[str]] = None):
