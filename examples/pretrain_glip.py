@@ -64,6 +64,7 @@ from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import RNG_STATE_NAME, DistributedType, gather_object, set_seed
 from accelerate.utils import load as accelerate_load
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -135,6 +136,7 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(model, "--timm_backbone", help="new model: replace the backbone by this timm model (random init)")
     add(model, "--text_encoder", help="new model: BertModel folder whose config and weights initialise the text encoder")
     add(model, "--tokenizer", help="BERT tokenizer folder (default: --model_name_or_path or --text_encoder)")
+    add(model, "--config_overrides", help="comma-separated key=value changes of the model's config, e.g. focal_alpha=0.5 (PretrainedConfig.update_from_string); from a checkpoint, only fields that keep the weights' shapes")
     add(model, "--tuning", choices=TUNING_MODES, default="full", help="which parameters train")
     add(model, "--freeze", nargs="*", default=[], help="module prefixes to freeze (e.g. backbone text_model fpn)")
     add(model, "--gradient_checkpointing", action="store_true", help="activation checkpointing of the BERT / Swin layers")
@@ -221,6 +223,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--ema_decay must be in [0, 1) and --flip_prob in [0, 1], got {args.ema_decay} and {args.flip_prob}")
     if not 0 <= args.partial_positive_prob <= 1:
         parser.error(f"--partial_positive_prob must be in [0, 1], got {args.partial_positive_prob}")
+    if args.config_overrides is not None:
+        try:
+            override_config(GLIPConfig(), args.config_overrides)
+        except ValueError as error:
+            parser.error(f"--config_overrides {args.config_overrides!r}: {error}")
     return args
 
 
@@ -232,14 +239,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------------
 # model, tokenizer, tuning modes
 # ----------------------------------------------------------------------------------------------------------------------
+def override_config(config: GLIPConfig, overrides: str) -> GLIPConfig:
+    """`config` changed by `key=value,...` (`PretrainedConfig.update_from_string`: existing keys only, values of the
+    field's type) and checked by its validators; every refusal is a ValueError."""
+    malformed = [item for item in overrides.split(",") if item.count("=") != 1 or not item.split("=")[0].strip()]
+    if malformed:
+        raise ValueError(f"expected key=value pairs separated by commas, got {malformed}")
+    try:
+        config.update_from_string(overrides)
+        config.validate()
+    except (TypeError, StrictDataclassError) as error:  # a strict-dataclass error carries the validator's own error
+        raise ValueError(str(error.__cause__ or error)) from None
+    return config
+
+
 def build_model(args) -> GLIPModel:
-    """A GLIPModel from a checkpoint, or a new one from a config (+ timm backbone, + pretrained text encoder)."""
+    """A GLIPModel from a checkpoint, or a new one from a config (+ timm backbone, + pretrained text encoder), with
+    `--config_overrides` applied."""
     prompt_length = None
     if args.tuning == "prompt":  # the original's tunable_linear has 1000 rows; only the first T are ever used
         prompt_length = 1000
     if args.model_name_or_path is not None:
         kwargs = {"text_prompt_length": prompt_length} if prompt_length else {}
-        return GLIPModel.from_pretrained(args.model_name_or_path, **kwargs)
+        config = GLIPConfig.from_pretrained(args.model_name_or_path, **kwargs)
+        if args.config_overrides:
+            override_config(config, args.config_overrides)
+        return GLIPModel.from_pretrained(args.model_name_or_path, config=config)
     if args.config in ("glip_t", "glip_l"):
         config = getattr(GLIPConfig, args.config)()
     elif Path(args.config).is_file():
@@ -252,6 +277,8 @@ def build_model(args) -> GLIPModel:
         config.text_config = BertConfig.from_pretrained(args.text_encoder)
     if prompt_length:
         config.text_prompt_length = prompt_length
+    if args.config_overrides:
+        override_config(config, args.config_overrides)
     model = GLIPModel(config)
     if args.text_encoder:
         text_model = BertModel.from_pretrained(args.text_encoder, add_pooling_layer=False)

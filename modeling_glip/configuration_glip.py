@@ -184,6 +184,15 @@ class GLIPConfig(PreTrainedConfig):
         if self.score_aggregation not in ("mean", "max"):
             raise ValueError(f"score_aggregation must be 'mean' or 'max', got {self.score_aggregation!r}")
 
+    def validate_loss(self):
+        """The training losses' settings: a focal weight outside [0, 1] or a negative exponent / weight trains nonsense."""
+        if not 0.0 <= self.focal_alpha <= 1.0:
+            raise ValueError(f"focal_alpha must be in [0, 1], got {self.focal_alpha}")
+        for name in ("focal_gamma", "reg_loss_weight", "centerness_loss_weight", "token_loss_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
     @property
     def layer_scale_init(self) -> float:
         """Init of the fusion layer scale: 1 / NUM_CONVS unless set (section 5.2)."""

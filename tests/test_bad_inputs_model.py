@@ -3,8 +3,10 @@ TypeError / ValueError that names the argument, never a crash deep in torch or N
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 
+from modeling_glip.configuration_glip import GLIPConfig
 from modeling_glip.dyconv import modulated_deform_conv2d
 from modeling_glip.modeling_glip import GLIPModel
 from tests.test_modeling_glip import make_inputs, make_labels, tiny_config
@@ -108,3 +110,26 @@ def test_non_finite_deformable_offsets_propagate_instead_of_crashing(bad):
     finite = torch.ones(6, 6, dtype=torch.bool)
     finite[2, 2] = False
     assert torch.isfinite(out[0][:, finite]).all()  # every other position is untouched
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"focal_alpha": 1.5}, r"focal_alpha must be in \[0, 1\], got 1.5"),
+        ({"focal_gamma": -1.0}, r"focal_gamma must be a finite number >= 0, got -1.0"),
+        ({"token_loss_weight": float("inf")}, r"token_loss_weight must be a finite number >= 0, got inf"),
+        ({"fusion_embed_dim": 30, "fusion_num_heads": 4}, r"fusion_embed_dim 30 is not divisible by fusion_num_heads 4"),
+        ({"anchor_sizes": (32, 64), "anchor_strides": (8, 16)}, r"GLIP predicts on 5 levels"),
+        ({"score_aggregation": "sum"}, r"score_aggregation must be 'mean' or 'max', got 'sum'"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_the_field(fields, message):
+    """GLIPConfig's class validators (transformers' strict-dataclass convention: StrictDataclassClassValidationError
+    carrying the ValueError) run at construction and on `validate()` after a change."""
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        GLIPConfig(**fields)
+    config = GLIPConfig()
+    for name, value in fields.items():
+        setattr(config, name, value)
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        config.validate()

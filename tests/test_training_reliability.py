@@ -189,6 +189,13 @@ def test_a_launcher_that_started_fewer_processes_than_asked_is_named(script, env
         (["--config", "glip_t", "--tokenizer", "/no/vocab"], r"--tokenizer /no/vocab: no such folder"),
         (["--config", "glip_t", "--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1, got 0"),
         (["--config", "glip_t", "--eval_min_size", "0"], "--eval_min_size must be >= 1, got 0"),
+        (["--config", "glip_t", "--config_overrides", "focal_alpha"], r"--config_overrides 'focal_alpha': expected key=value pairs"),
+        (["--config", "glip_t", "--config_overrides", "focal_alpha=0.5,"], r"--config_overrides 'focal_alpha=0.5,': expected key=value pairs"),
+        (["--config", "glip_t", "--config_overrides", "no_such_field=1"], r"--config_overrides 'no_such_field=1': key no_such_field isn't in"),
+        (["--config", "glip_t", "--config_overrides", "focal_alpha=high"], r"--config_overrides 'focal_alpha=high': could not convert"),
+        (["--config", "glip_t", "--config_overrides", "atss_topk=2.5"], r"--config_overrides 'atss_topk=2.5': invalid literal for int"),
+        (["--config", "glip_t", "--config_overrides", "focal_alpha=1.5"], r"--config_overrides 'focal_alpha=1.5': focal_alpha must be in \[0, 1\], got 1.5"),
+        (["--config", "glip_t", "--config_overrides", "focal_gamma=nan"], r"--config_overrides 'focal_gamma=nan': focal_gamma must be a finite number >= 0"),
     ],
 )
 def test_bad_paths_and_limits_are_argument_errors(script, flags, message, capsys, monkeypatch):

@@ -134,16 +134,20 @@ def test_overfitting_four_images_recovers_their_boxes(tmp_path, bert_vocab_dir):
 def test_a_run_from_a_checkpoint_uses_its_processor_rotates_checkpoints_and_prints_evaluations(workspace, tiny_glip_checkpoint):
     """From a checkpoint whose processor runs at 64 / 96 px: training at x0.6 .. x1.0 of 64, evaluations at 64 / 96
     printed as a table at every --eval_steps, the same processor saved; --checkpoints_total_limit keeps the newest
-    checkpoints, and a resumed run never deletes the checkpoint it resumed from."""
+    checkpoints, and a resumed run never deletes the checkpoint it resumed from. --config_overrides changes the
+    checkpoint's loss setting, and the saved model keeps it."""
     root, _ = workspace
     output = root / "from_checkpoint"
     argv = [
         "--cpu", "--model_name_or_path", str(tiny_glip_checkpoint), "--train_files", str(root / "train.json"), "--image_root", str(root),
         "--max_steps", "3", "--num_workers", "0", "--warmup_steps", "1", "--per_device_batch_size", "2", "--checkpointing_steps", "1",
         "--checkpoints_total_limit", "2", "--eval_annotations", str(root / "train.json"), "--eval_image_root", str(root), "--eval_steps", "2",
-        "--output_dir", str(output),
+        "--config_overrides", "focal_alpha=0.5,token_loss_weight=2", "--output_dir", str(output),
     ]
     result = run(argv)
+    config = json.loads((output / "model" / "config.json").read_text())
+    assert (config["focal_alpha"], config["token_loss_weight"]) == (0.5, 2.0)
+    assert json.loads((tiny_glip_checkpoint / "config.json").read_text())["focal_alpha"] == 0.25  # the start is left alone
     assert "training resolution: short side 38 45 51 58 64, long side <= 96; evaluation and the saved processor: min_size 64, max_size 96" in result.stderr
     tables = [text.splitlines() for text in result.stdout.split("min_size 64, max_size 96):\n")[1:]]
     assert [[row.split()[0] for row in table[2:4] if row.strip()] for table in tables] == [["2"], ["2", "3"]]  # during and after training
