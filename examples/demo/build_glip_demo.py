@@ -332,7 +332,9 @@ def demo_measurements(model_path: str, num_scenes: int = 40) -> dict:
       names in one forward (`GLIPZeroShotObjectDetectionPipeline`);
     - single-name prompts through transformers' stock pipeline (one forward per name, the name alone): per object the
       best score of an overlapping detection for its own name, for a wrong name sharing its colour and for one
-      sharing its shape (0 when nothing overlaps).
+      sharing its shape (0 when nothing overlaps); the share of right names >= 0.5 and of wrong names >= 0.5 (what a
+      0.5 threshold keeps), the share of objects whose right name beats both wrong ones, and the median margin (right
+      minus the higher wrong score).
     """
     from transformers import pipeline
 
@@ -355,11 +357,14 @@ def demo_measurements(model_path: str, num_scenes: int = 40) -> dict:
                 found = overlapping(stock(image, candidate_labels=[name], threshold=0.0), annotation)
                 single[kind].append(max((detection["score"] for detection in found), default=0.0))
     right = np.asarray(single["right"])
+    wrong = np.stack([single["same_color"], single["same_shape"]])  # (2, objects)
     summary = {"scenes": num_scenes, "objects": total, "named_first": named, "named_first_rate": named / total}
     for kind, scores in single.items():
         summary[f"single_name_{kind}_median"] = float(np.median(scores))
     summary["single_name_right_at_least_0.5"] = float(np.mean(right >= 0.5))
-    summary["single_name_right_above_both_wrong"] = float(np.mean((right > np.asarray(single["same_color"])) & (right > np.asarray(single["same_shape"]))))
+    summary["single_name_wrong_at_least_0.5"] = float(np.mean(wrong >= 0.5))
+    summary["single_name_right_above_both_wrong"] = float(np.mean(right > wrong.max(0)))
+    summary["single_name_margin_median"] = float(np.median(right - wrong.max(0)))
     return summary
 
 
@@ -373,8 +378,8 @@ def evaluate(args):
         f" sharing the shape {summary['single_name_same_shape_median']:.2f}"
     )
     print(
-        f"  right name >= 0.5: {summary['single_name_right_at_least_0.5']:.1%};"
-        f" right name above both wrong names: {summary['single_name_right_above_both_wrong']:.1%}"
+        f"  right name >= 0.5: {summary['single_name_right_at_least_0.5']:.1%}; wrong names >= 0.5: {summary['single_name_wrong_at_least_0.5']:.1%};"
+        f" right name above both wrong names: {summary['single_name_right_above_both_wrong']:.1%} (median margin {summary['single_name_margin_median']:.2f})"
     )
     if args.output:
         from processing.atomic_files import write_json_atomically
