@@ -38,7 +38,7 @@ test-all: app-venv
 
 # zero-shot detection with the bundled checkpoint (checkpoints/glip-demo) on the bundled scene; writes outputs/demo/
 demo: venv
-	$(OFFLINE) $(VENV)/bin/glip-detect examples/demo_scene.png --labels "yellow star, blue ring, green square, red triangle, purple heart, orange cross" --threshold 0.45 --output_dir outputs/demo
+	$(OFFLINE) $(VENV)/bin/glip-detect examples/demo_scene.png --labels "yellow star, blue ring, green square, red triangle, purple heart, orange cross" --threshold 0.5 --output_dir outputs/demo
 
 # re-package the bundled checkpoint from itself (same weights, auto_map, code files as symlinks to the package sources);
 # run it after a change to the set of modules a checkpoint needs (tests/test_demo_checkpoint.py names the difference)

@@ -60,9 +60,9 @@ DEMO_LABELS = "yellow star, blue ring, green square, red triangle, purple heart,
 DEMO_CAPTION = "a yellow star above a green square and a blue ring beside a red triangle"
 # image, prompt kind, labels, caption, phrases, threshold, max detections (the scenes: examples/demo/build_glip_demo.py)
 EXAMPLES = (
-    ("demo_scene.png", "Labels", DEMO_LABELS, "", "", 0.45, DEFAULT_MAX_DETECTIONS),
-    ("demo_scene.png", "Caption", "", DEMO_CAPTION, "yellow star; green square; blue ring; red triangle", 0.5, DEFAULT_MAX_DETECTIONS),
-    ("app/fresh_scene_2.png", "Labels", "green square, blue heart, orange diamond, orange cross", "", "", 0.45, DEFAULT_MAX_DETECTIONS),
+    ("demo_scene.png", "Labels", DEMO_LABELS, "", "", 0.5, DEFAULT_MAX_DETECTIONS),
+    ("demo_scene.png", "Caption", "", DEMO_CAPTION, "yellow star; green square; blue ring; red triangle", 0.55, DEFAULT_MAX_DETECTIONS),
+    ("app/fresh_scene_2.png", "Labels", "green square, blue heart, orange diamond, orange cross", "", "", 0.5, DEFAULT_MAX_DETECTIONS),
     ("app/fresh_scene_13.png", "Labels", "blue triangle, red diamond, green cross, purple square, orange cross", "", "", 0.5, DEFAULT_MAX_DETECTIONS),
 )  # fmt: skip
 # small images (the demo scenes are 160 px) are scaled up to the image boxes' height

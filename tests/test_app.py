@@ -25,7 +25,7 @@ from modeling_glip.cli import main as glip_detect
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT / "examples" / "demo_scene.png"
 DEMO_LABELS = "yellow star, blue ring, green square, red triangle, purple heart, orange cross"
-SCENE_OBJECTS = ["blue ring", "green square", "yellow star", "red triangle"]  # what `make demo` finds at 0.45
+SCENE_OBJECTS = ["blue ring", "green square", "yellow star", "red triangle"]  # what `make demo` finds at 0.5
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")  # Debian's chromium, chromium-driver
 START_TIMEOUT_S = 300  # torch + transformers + gradio imports on 2 loaded cores
 
@@ -36,7 +36,7 @@ def annotated_size(path) -> tuple:
     return annotate(Image.open(path), nothing).size
 
 
-def detect_page(image, output_root, labels=DEMO_LABELS, threshold=0.45, model=str(app.default_model()), **changes):
+def detect_page(image, output_root, labels=DEMO_LABELS, threshold=0.5, model=str(app.default_model()), **changes):
     arguments = {"prompt_kind": "Labels", "labels": labels, "caption": "", "phrases": "", "threshold": threshold, "max_detections": 20}
     arguments.update(changes)
     return app.run_detection(image, model_path=model, output_root=output_root, **arguments)
@@ -44,10 +44,10 @@ def detect_page(image, output_root, labels=DEMO_LABELS, threshold=0.45, model=st
 
 def test_page_detection_is_glip_detects(tmp_path):
     annotated, rows, files, summary = detect_page({"path": str(SCENE), "orig_name": "demo_scene.png"}, tmp_path / "app")
-    assert [row[0] for row in rows] == SCENE_OBJECTS and summary.startswith("4 detection(s) at threshold 0.45")
+    assert [row[0] for row in rows] == SCENE_OBJECTS and summary.startswith("4 detection(s) at threshold 0.5")
     assert [Path(file).name for file in files] == ["detections.json", "detections_info.json", "demo_scene_detections.png"]
     # the same files as glip-detect's for this image (its file name as uploaded), scores and boxes in the table
-    assert glip_detect([str(SCENE), "--labels", DEMO_LABELS, "--threshold", "0.45", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert glip_detect([str(SCENE), "--labels", DEMO_LABELS, "--threshold", "0.5", "--output-dir", str(tmp_path / "cli")]) == 0
     cli_results = json.loads((tmp_path / "cli" / "detections.json").read_text())
     assert json.loads(Path(files[0]).read_text()) == cli_results
     cli_info = json.loads((tmp_path / "cli" / "detections_info.json").read_text())
@@ -64,7 +64,7 @@ def test_page_detection_is_glip_detects(tmp_path):
 def test_caption_with_phrases_and_max_detections(tmp_path):
     phrases = ["yellow star", "green square", "blue ring", "red triangle"]
     caption = {"prompt_kind": "Caption", "caption": app.DEMO_CAPTION, "phrases": "; ".join(phrases), "labels": "stale, ignored"}
-    _, rows, files, _ = detect_page(str(SCENE), tmp_path, threshold=0.5, **caption)
+    _, rows, files, _ = detect_page(str(SCENE), tmp_path, threshold=0.55, **caption)
     assert sorted(row[0] for row in rows) == sorted(phrases)
     assert [c["name"] for c in json.loads(Path(files[1]).read_text())["categories"]] == phrases  # the phrases' order
     _, rows, _, _ = detect_page(str(SCENE), tmp_path, threshold=0.0, max_detections=2)
@@ -211,7 +211,7 @@ def test_api_detects_and_refuses_bad_input(app_url):
 
     client = Client(app_url, verbose=False)
     image, table, files, summary = client.predict(
-        handle_file(str(SCENE)), "Labels", DEMO_LABELS, "", "", 0.45, 20, str(app.default_model()), api_name="/detect"
+        handle_file(str(SCENE)), "Labels", DEMO_LABELS, "", "", 0.5, 20, str(app.default_model()), api_name="/detect"
     )
     assert [row[0] for row in table["data"]] == SCENE_OBJECTS and table["headers"] == app.TABLE_HEADERS
     assert Image.open(image).size == annotated_size(SCENE) and summary.startswith("4 detection(s)")
@@ -220,7 +220,7 @@ def test_api_detects_and_refuses_bad_input(app_url):
     with pytest.raises(AppError, match=r"threshold must be in \[0, 1\], got 1.5"):
         client.predict(handle_file(str(SCENE)), "Labels", DEMO_LABELS, "", "", 1.5, 20, str(app.default_model()), api_name="/detect")
     with pytest.raises(AppError, match="caption / phrases: .*purple heart"):
-        client.predict(handle_file(str(SCENE)), "Caption", "", "a yellow star", "purple heart", 0.45, 20, str(app.default_model()), api_name="/detect")
+        client.predict(handle_file(str(SCENE)), "Caption", "", "a yellow star", "purple heart", 0.5, 20, str(app.default_model()), api_name="/detect")
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ def test_browser_upload_labels_detect(app_url, browser, tmp_path):
     wait.until(shown.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]"))).send_keys(str(SCENE))
     wait.until(shown.visibility_of_element_located((By.CSS_SELECTOR, "#image img")))  # the upload's preview
     replace_text("#labels textarea", DEMO_LABELS)
-    replace_text("#threshold input", "0.45")
+    replace_text("#threshold input", "0.5")
     started = time.monotonic()
     browser.find_element(By.CSS_SELECTOR, "#detect").click()
     wait.until(lambda _: len(table_rows()) == len(SCENE_OBJECTS))
@@ -277,7 +277,7 @@ def test_browser_upload_labels_detect(app_url, browser, tmp_path):
     assert [row[0] for row in table_rows()] == SCENE_OBJECTS, table_rows()
     shown_image = wait.until(shown.visibility_of_element_located((By.CSS_SELECTOR, "#annotated img")))
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown_image) == annotated_size(SCENE)[0]
-    assert "4 detection(s) at threshold 0.45" in browser.find_element(By.CSS_SELECTOR, "#summary").text
+    assert "4 detection(s) at threshold 0.5" in browser.find_element(By.CSS_SELECTOR, "#summary").text
     browser.save_screenshot(str(tmp_path / "app.png"))
     print(f"\nfirst result {latency:.1f} s after Detect; screenshot {tmp_path / 'app.png'}")
 
