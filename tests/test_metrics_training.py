@@ -177,9 +177,13 @@ def test_finetune_script_prompt_tuning(saved_model):
 def test_new_model_with_a_pretrained_text_encoder(bert_vocab_dir, tmp_path):
     script = load_script()
     tiny_training_config().to_json_file(tmp_path / "config.json")
-    args = argparse.Namespace(model_name_or_path=None, config=str(tmp_path / "config.json"), timm_backbone="resnet10t", text_encoder=str(bert_vocab_dir), tuning="full")
+    args = argparse.Namespace(
+        model_name_or_path=None, config=str(tmp_path / "config.json"), timm_backbone="resnet10t", text_encoder=str(bert_vocab_dir), tuning="full",
+        config_overrides="focal_alpha=0.5",
+    )
     model = script.build_model(args)
     assert model.config.text_config.hidden_size == 384 and model.config.text_config.num_hidden_layers == 6
+    assert model.config.focal_alpha == 0.5 and model.criterion.focal_alpha == 0.5  # --config_overrides reaches the loss
     assert model.head.dot_product_projection_text.in_features == 384 and type(model.backbone).__name__ == "TimmBackbone"
     reference = load_file(str(bert_vocab_dir / "model.safetensors"))
     key = next(k for k in reference if k.endswith("embeddings.word_embeddings.weight"))
