@@ -233,3 +233,39 @@ def test_make_demo_command_runs(tmp_path, capsys):
     names = [category["name"] for category in info["categories"]]
     detected = {names[result["category_id"] - 1] for result in json.loads((output / "detections.json").read_text())}
     assert detected == {a["name"] for a in annotations}
+
+
+def _card_commands():
+    """The model card's Reproduce block as argv lists: `$PY` and `$COMMON` (a multi-line quoted value) expanded,
+    continuation lines joined, comments dropped."""
+    card = (CHECKPOINT / "README.md").read_text()
+    block = card.split("## Reproduce", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    variables = {"PY": ".venv/bin/python", "COMMON": " ".join(re.search(r'COMMON="([^"]*)"', block).group(1).split())}
+    block = re.sub(r'COMMON="[^"]*"', "", block).replace("\\\n", " ")
+    lines = [line.strip() for line in block.splitlines() if line.strip().startswith("$PY ")]
+    return [shlex.split(re.sub(r"\$(\w+)", lambda match: variables.get(match.group(1), match.group(0)), line)) for line in lines]
+
+
+def test_the_cards_training_commands_are_valid_flags_of_the_scripts():
+    """Every `pretrain_glip.py` command of the card's Reproduce block parses with the script's own parser (no
+    abbreviation, the right types) and its `--config_overrides` pass the config's checks; the stages chain (each starts
+    from a folder an earlier command writes), and the packaged model is the last stage's EMA."""
+    from tests.training_fixtures import load_script
+
+    script = load_script()
+    parser = script.build_parser("card")
+    commands = _card_commands()
+    stages = [command[2:] for command in commands if command[1] == "examples/pretrain_glip.py"]
+    assert len(stages) == 7, commands
+    written = {"runs/glip-demo-init/glip_config.json", "runs/glip-demo-init/text_encoder"}
+    for argv in stages:
+        args = parser.parse_args(argv)
+        start = args.model_name_or_path or args.config
+        assert start in written or any(start.startswith(folder + "/") for folder in written), (start, written)
+        if args.config_overrides:
+            script.override_config(modeling_glip.GLIPConfig(), args.config_overrides)
+        written.add(args.output_dir)
+        written.update(command[command.index("--output") + 1] for command in commands if "export" in command and "--output" in command)
+    assert [stage for stage in stages if "--config_overrides" in stage] and "focal_alpha=0.5" in stages[5]
+    package = next(command for command in commands if "package" in command)
+    assert package[package.index("--model") + 1] == parser.parse_args(stages[-1]).output_dir + "/model_ema"
