@@ -136,7 +136,7 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(model, "--timm_backbone", help="new model: replace the backbone by this timm model (random init)")
     add(model, "--text_encoder", help="new model: BertModel folder whose config and weights initialise the text encoder")
     add(model, "--tokenizer", help="BERT tokenizer folder (default: --model_name_or_path or --text_encoder)")
-    add(model, "--config_overrides", help="comma-separated key=value changes of the model's config, e.g. focal_alpha=0.5 (PretrainedConfig.update_from_string); from a checkpoint, only fields that keep the weights' shapes")
+    add(model, "--config_overrides", help="comma-separated key=value changes of the model's config, e.g. focal_alpha=0.5 (PretrainedConfig.update_from_string); from a checkpoint, a change that leaves any of its weights unused or re-initialised is refused")
     add(model, "--tuning", choices=TUNING_MODES, default="full", help="which parameters train")
     add(model, "--freeze", nargs="*", default=[], help="module prefixes to freeze (e.g. backbone text_model fpn)")
     add(model, "--gradient_checkpointing", action="store_true", help="activation checkpointing of the BERT / Swin layers")
@@ -262,9 +262,19 @@ def build_model(args) -> GLIPModel:
     if args.model_name_or_path is not None:
         kwargs = {"text_prompt_length": prompt_length} if prompt_length else {}
         config = GLIPConfig.from_pretrained(args.model_name_or_path, **kwargs)
-        if args.config_overrides:
-            override_config(config, args.config_overrides)
-        return GLIPModel.from_pretrained(args.model_name_or_path, config=config)
+        if not args.config_overrides:
+            return GLIPModel.from_pretrained(args.model_name_or_path, config=config)
+        override_config(config, args.config_overrides)
+        model, info = GLIPModel.from_pretrained(args.model_name_or_path, config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+        # an override that changes the architecture would leave weights unused or re-initialised with only a warning
+        changed = sorted({*info["missing_keys"], *info["unexpected_keys"], *(key for key, *_ in info["mismatched_keys"])} - {"text_prompt"})
+        if changed:
+            raise ValueError(
+                f"--config_overrides {args.config_overrides!r} changes the weights of {args.model_name_or_path} ({len(changed)} "
+                f"tensors, e.g. {changed[0]}): from a checkpoint, override only fields that keep its weights (loss, assignment, "
+                "post-processing settings)"
+            )
+        return model
     if args.config in ("glip_t", "glip_l"):
         config = getattr(GLIPConfig, args.config)()
     elif Path(args.config).is_file():

@@ -190,3 +190,18 @@ def test_new_model_with_a_pretrained_text_encoder(bert_vocab_dir, tmp_path):
     assert torch.equal(model.text_model.embeddings.word_embeddings.weight, reference[key])
     with pytest.raises(ValueError, match="neither a preset"):
         script.build_model(argparse.Namespace(**{**vars(args), "config": "nope"}))
+
+
+def test_config_overrides_of_a_checkpoint_keep_its_weights_or_are_refused(tiny_glip_checkpoint):
+    """From a checkpoint, an override of a loss / assignment field loads every weight (prompt tuning's new offsets
+    aside); one that changes the architecture is a ValueError naming the flag, not a model with layers silently
+    new (more fusion layers) or weights re-initialised (another width)."""
+    script = load_script()
+    args = argparse.Namespace(model_name_or_path=str(tiny_glip_checkpoint), config=None, tuning="prompt", config_overrides="focal_alpha=0.5,atss_topk=5")
+    model = script.build_model(args)
+    reference = GLIPModel.from_pretrained(tiny_glip_checkpoint)
+    assert (model.criterion.focal_alpha, model.config.atss_topk, model.text_prompt.shape[0]) == (0.5, 5, 1000)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in reference.state_dict().items())
+    for override in (f"num_fusion_layers={reference.config.num_fusion_layers + 1}", f"fusion_embed_dim={2 * reference.config.fusion_embed_dim}"):
+        with pytest.raises(ValueError, match=rf"--config_overrides '{override}' changes the weights of .* tensors"):
+            script.build_model(argparse.Namespace(**{**vars(args), "config_overrides": override}))
