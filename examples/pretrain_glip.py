@@ -62,7 +62,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import RNG_STATE_NAME, DistributedType, gather_object, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, broadcast_object_list, gather_object, set_seed
 from accelerate.utils import load as accelerate_load
 from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
@@ -72,6 +72,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from modeling_glip.command_line import GLIPArgumentParser, checked_model_path, load_processor, resized
 from modeling_glip.configuration_glip import GLIPConfig, timm_backbone_config
+from modeling_glip.convert_glip_original_to_hf import save_folder_atomically
 from modeling_glip.modeling_glip import GLIPModel, non_finite_tensors
 from processing import GLIPImageProcessor, GLIPProcessor
 from processing.atomic_files import fsync_path
@@ -187,6 +188,7 @@ def build_parser(description: str, overrides: Optional[Dict[str, dict]] = None) 
     add(run, "--eval_min_size", type=int, help="resize of the evaluation and of the processor saved with the model: short side (default: the largest of --min_sizes)")
     add(run, "--eval_max_size", type=int, help="resize of the evaluation and of the saved processor: long-side cap (default: --max_size)")
     add(run, "--eval_names_per_chunk", type=int, help="class names per prompt chunk at evaluation")
+    add(run, "--early_stopping_patience", type=int, default=0, help="stop once the evaluation mAP has been below the best for N evaluations in a row (the original's SOLVER.AUTO_TERMINATE_PATIENCE; needs --eval_steps); the best evaluated weights are kept in output_dir/model_best. 0: off")
     add(run, "--kill_after_steps", type=int, help="testing aid: hard-exit (os._exit, no cleanup) after this many steps")
     add(run, "--kill_during_save", type=int, help="testing aid: SIGKILL while the checkpoint of this step is being written")
     return parser
@@ -201,7 +203,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     at_least = {
         "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "num_epochs": 1, "logging_steps": 1, "max_size": 1,
         "num_workers": 0, "checkpointing_steps": 0, "warmup_steps": 0, "eval_steps": 0, "max_steps": 1,
-        "checkpoints_total_limit": 1, "eval_min_size": 1, "eval_max_size": 1,
+        "checkpoints_total_limit": 1, "eval_min_size": 1, "eval_max_size": 1, "early_stopping_patience": 0,
     }
     for name, minimum in at_least.items():
         value = getattr(args, name)
@@ -223,6 +225,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--ema_decay must be in [0, 1) and --flip_prob in [0, 1], got {args.ema_decay} and {args.flip_prob}")
     if not 0 <= args.partial_positive_prob <= 1:
         parser.error(f"--partial_positive_prob must be in [0, 1], got {args.partial_positive_prob}")
+    if args.early_stopping_patience and not (args.eval_annotations and args.eval_steps):
+        parser.error(f"--early_stopping_patience {args.early_stopping_patience} needs evaluations: give --eval_annotations and --eval_steps")
     if args.config_overrides is not None:
         try:
             override_config(GLIPConfig(), args.config_overrides)
@@ -490,6 +494,31 @@ def log_evaluation(accelerator: Accelerator, model: GLIPModel, processor: GLIPPr
     history.append((step, results))  # on every process, so that all of them know which steps were evaluated
     if accelerator.is_main_process:
         tqdm.write(f"\nevaluation on {args.eval_annotations} (min_size {processor.image_processor.min_size}, max_size {processor.image_processor.max_size}):\n{metrics_table(history)}\n")
+
+
+def track_best_evaluation(accelerator: Accelerator, model: GLIPModel, processor: GLIPProcessor, output_dir: Path, state: dict, step: int, results: Dict[str, float]) -> None:
+    """The original's auto-termination bookkeeping (engine/trainer.py, SOLVER.AUTO_TERMINATE_PATIENCE): an evaluation
+    whose mAP is not below the best so far becomes the best (its weights replace `output_dir/model_best`, atomically)
+    and resets `evaluations_below_best`; one below it adds one. `results` is the main process's (empty elsewhere); every
+    process must call this, and all of them keep the same `state`."""
+    mean_ap = broadcast_object_list([results.get("mAP")])[0]
+    if state["best_eval_mAP"] is None or mean_ap >= state["best_eval_mAP"]:
+        state.update(best_eval_mAP=mean_ap, best_eval_step=step, evaluations_below_best=0)
+        if accelerator.is_main_process:
+            model.config.min_size_test, model.config.max_size_test = processor.image_processor.min_size, processor.image_processor.max_size
+
+            def save(folder: Path):
+                model.save_pretrained(folder)
+                processor.save_pretrained(folder)
+
+            save_folder_atomically(output_dir / "model_best", save)
+    else:
+        state["evaluations_below_best"] += 1
+
+
+def stops_early(args, state: dict) -> bool:
+    """True once --early_stopping_patience evaluations in a row were below the best (also for a resumed run)."""
+    return bool(args.early_stopping_patience) and state["evaluations_below_best"] >= args.early_stopping_patience
 
 
 def evaluate_detection(accelerator: Accelerator, model: GLIPModel, processor: GLIPProcessor, args) -> Dict[str, float]:
@@ -807,6 +836,7 @@ def train(args: argparse.Namespace):
     ema = ExponentialMovingAverage(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay > 0 else None
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "skipped": {}, "nonfinite_steps_skipped": 0}
+    best = {"best_eval_mAP": None, "best_eval_step": None, "evaluations_below_best": 0}  # track_best_evaluation
     checkpoint = None  # the one resumed from: never rotated out
     if args.resume_from_checkpoint:
         checkpoint = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
@@ -814,6 +844,7 @@ def train(args: argparse.Namespace):
             raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         state = load_checkpoint(accelerator, checkpoint, model, ema, args.allow_inexact_resume)
         logger.info(f"resumed from {checkpoint} at step {state['global_step']}")
+    state = {**best, **state}  # a checkpoint saved before early stopping existed has no best-evaluation fields
     # per process: skipped samples / boxes since the start of the run (the resumed totals are the main process's)
     skipped = Counter(state["skipped"] if accelerator.is_main_process else {})
 
@@ -830,7 +861,7 @@ def train(args: argparse.Namespace):
     running: Counter = Counter()  # loss sums of the applied steps since the last log
     window: Counter = Counter()  # loss sums of the batches accumulated since the last optimizer step
     losses_finite, logged_skips = True, Counter()
-    while state["global_step"] < max_steps:
+    while state["global_step"] < max_steps and not stops_early(args, state):
         epoch, resumed_batches = state["epoch"], state["batches_in_epoch"]
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
@@ -899,12 +930,19 @@ def train(args: argparse.Namespace):
                 running.clear()
             if args.eval_annotations and args.eval_steps and step % args.eval_steps == 0:
                 log_evaluation(accelerator, accelerator.unwrap_model(model), processor, args, step, evaluations)
+                if args.early_stopping_patience:
+                    track_best_evaluation(accelerator, accelerator.unwrap_model(model), processor, output_dir, state, step, evaluations[-1][1])
                 set_train_mode(model, frozen_modules)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint_now()
             if args.kill_after_steps is not None and step >= args.kill_after_steps:
                 os._exit(1)  # simulated crash: no cleanup, no final save
-            if step >= max_steps:
+            if stops_early(args, state):
+                logger.info(
+                    f"stopping early at step {step}: mAP below the best ({state['best_eval_mAP']:.4f}, step {state['best_eval_step']}) for "
+                    f"{state['evaluations_below_best']} evaluations in a row (--early_stopping_patience); its weights are in {output_dir / 'model_best'}"
+                )
+            if step >= max_steps or stops_early(args, state):
                 break
         else:
             if accelerator.is_main_process and dropped_per_epoch:
@@ -925,8 +963,10 @@ def train(args: argparse.Namespace):
         weights = torch.cat([p.detach().float().flatten() for p in unwrapped.parameters()])
         spread = (accelerator.gather(weights[None]) - weights).abs().max()
         accelerator.log({"final_rank_weight_max_diff": spread.item()}, step=state["global_step"])
-    if args.eval_annotations and not (evaluations and evaluations[-1][0] == state["global_step"]):
+    if args.eval_annotations and not (evaluations and evaluations[-1][0] == state["global_step"]) and not stops_early(args, state):
         log_evaluation(accelerator, unwrapped, processor, args, state["global_step"], evaluations)
+        if args.early_stopping_patience:
+            track_best_evaluation(accelerator, unwrapped, processor, output_dir, state, state["global_step"], evaluations[-1][1])
     totals = global_counts(accelerator, skipped)
     if accelerator.is_main_process:
         # the test transform the saved model is meant to run with (also in its processor)

@@ -319,3 +319,43 @@ def test_finetune_refuses_abbreviations_and_documents_its_defaults(capsys):
     with pytest.raises(SystemExit):
         finetune.parse_args(REQUIRED + ["--learning_rate=nan"])
     assert "--learning_rate must be a finite number >= 0, got nan" in capsys.readouterr().err
+
+
+def test_early_stopping_keeps_the_best_evaluation_and_counts_as_the_original(script, tiny_glip_checkpoint, tmp_path):
+    """The original's auto-termination rule: an mAP not below the best (ties included) is the new best, its weights
+    replace model_best; an mAP below it counts; the run stops once the count reaches the patience, also when it is
+    resumed from a checkpoint whose state says so."""
+    import argparse
+
+    from modeling_glip.modeling_glip import GLIPModel
+    from processing import GLIPProcessor
+
+    accelerator = Accelerator(cpu=True)
+    model, processor = GLIPModel.from_pretrained(tiny_glip_checkpoint), GLIPProcessor.from_pretrained(tiny_glip_checkpoint)
+    args = argparse.Namespace(early_stopping_patience=2)
+    state = {"best_eval_mAP": None, "best_eval_step": None, "evaluations_below_best": 0}
+    history = []
+    for step, mean_ap in enumerate([0.2, 0.3, 0.3, 0.25, 0.1], start=1):
+        with torch.no_grad():
+            model.head.cls_logits.bias.fill_(step)  # a mark of the weights evaluated at this step
+        script.track_best_evaluation(accelerator, model, processor, tmp_path, state, step, {"mAP": mean_ap})
+        history.append((state["best_eval_step"], state["evaluations_below_best"], script.stops_early(args, state)))
+    assert history == [(1, 0, False), (2, 0, False), (3, 0, False), (3, 1, False), (3, 2, True)]
+    best = GLIPModel.from_pretrained(tmp_path / "model_best")
+    assert torch.all(best.head.cls_logits.bias == 3) and (tmp_path / "model_best" / "processor_config.json").is_file()
+    assert state["best_eval_mAP"] == 0.3 and not script.stops_early(argparse.Namespace(early_stopping_patience=0), state)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model_best"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--early_stopping_patience", "-1"], "--early_stopping_patience must be >= 0, got -1"),
+        (["--early_stopping_patience", "3"], "--early_stopping_patience 3 needs evaluations: give --eval_annotations and --eval_steps"),
+        (["--early_stopping_patience", "3", "--eval_annotations", "val.json"], "--early_stopping_patience 3 needs evaluations"),
+    ],
+)
+def test_early_stopping_needs_evaluations(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--config", "glip_t", "--train_files", "train.json", "--output_dir", "out", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

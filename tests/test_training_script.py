@@ -135,16 +135,20 @@ def test_a_run_from_a_checkpoint_uses_its_processor_rotates_checkpoints_and_prin
     """From a checkpoint whose processor runs at 64 / 96 px: training at x0.6 .. x1.0 of 64, evaluations at 64 / 96
     printed as a table at every --eval_steps, the same processor saved; --checkpoints_total_limit keeps the newest
     checkpoints, and a resumed run never deletes the checkpoint it resumed from. --config_overrides changes the
-    checkpoint's loss setting, and the saved model keeps it."""
+    checkpoint's loss setting, and the saved model keeps it. --early_stopping_patience keeps the best evaluation's
+    weights in model_best and its bookkeeping in the checkpoints."""
     root, _ = workspace
     output = root / "from_checkpoint"
     argv = [
         "--cpu", "--model_name_or_path", str(tiny_glip_checkpoint), "--train_files", str(root / "train.json"), "--image_root", str(root),
         "--max_steps", "3", "--num_workers", "0", "--warmup_steps", "1", "--per_device_batch_size", "2", "--checkpointing_steps", "1",
         "--checkpoints_total_limit", "2", "--eval_annotations", str(root / "train.json"), "--eval_image_root", str(root), "--eval_steps", "2",
-        "--config_overrides", "focal_alpha=0.5,token_loss_weight=2", "--output_dir", str(output),
+        "--config_overrides", "focal_alpha=0.5,token_loss_weight=2", "--early_stopping_patience", "5", "--output_dir", str(output),
     ]
     result = run(argv)
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["best_eval_step"] == 2 and state["evaluations_below_best"] == 0  # checkpoint-3 is written before the final evaluation
+    assert (output / "model_best" / "model.safetensors").is_file() and json.loads((output / "model_best" / "processor_config.json").read_text())
     config = json.loads((output / "model" / "config.json").read_text())
     assert (config["focal_alpha"], config["token_loss_weight"]) == (0.5, 2.0)
     assert json.loads((tiny_glip_checkpoint / "config.json").read_text())["focal_alpha"] == 0.25  # the start is left alone
