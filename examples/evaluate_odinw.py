@@ -172,12 +172,12 @@ def write_few_shot_sets(annotations: str, output_dir: str, shots: Sequence[int],
     data = json.loads(Path(annotations).read_text())
     if not isinstance(data, dict) or not all(isinstance(data.get(key), list) for key in ("images", "annotations", "categories")):
         raise ValueError(f"--annotations {annotations} is not a COCO detection file (images, annotations, categories)")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for k in shots:
         for seed in seeds:
             subset = sample_few_shot(data, k, seed)
             path = Path(output_dir) / f"fewshot_train_shot{k}_seed{seed}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(path, subset, indent=None)
             images_of: Dict[int, set] = {}
             for annotation in subset["annotations"]:

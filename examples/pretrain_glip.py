@@ -496,6 +496,18 @@ def log_evaluation(accelerator: Accelerator, model: GLIPModel, processor: GLIPPr
         tqdm.write(f"\nevaluation on {args.eval_annotations} (min_size {processor.image_processor.min_size}, max_size {processor.image_processor.max_size}):\n{metrics_table(history)}\n")
 
 
+def save_trained_model(model: GLIPModel, processor: GLIPProcessor, folder: Path, state_dict: Optional[dict] = None) -> None:
+    """`model` (or `state_dict` in its shape) with the run's processor into `folder`, replaced atomically; its config
+    records the test transform it is meant to run with (the processor's min_size / max_size)."""
+    model.config.min_size_test, model.config.max_size_test = processor.image_processor.min_size, processor.image_processor.max_size
+
+    def save(staging: Path):
+        model.save_pretrained(staging, state_dict=state_dict)
+        processor.save_pretrained(staging)
+
+    save_folder_atomically(folder, save)
+
+
 def track_best_evaluation(accelerator: Accelerator, model: GLIPModel, processor: GLIPProcessor, output_dir: Path, state: dict, step: int, results: Dict[str, float]) -> None:
     """The original's auto-termination bookkeeping (engine/trainer.py, SOLVER.AUTO_TERMINATE_PATIENCE): an evaluation
     whose mAP is not below the best so far becomes the best (its weights replace `output_dir/model_best`, atomically)
@@ -505,13 +517,7 @@ def track_best_evaluation(accelerator: Accelerator, model: GLIPModel, processor:
     if state["best_eval_mAP"] is None or mean_ap >= state["best_eval_mAP"]:
         state.update(best_eval_mAP=mean_ap, best_eval_step=step, evaluations_below_best=0)
         if accelerator.is_main_process:
-            model.config.min_size_test, model.config.max_size_test = processor.image_processor.min_size, processor.image_processor.max_size
-
-            def save(folder: Path):
-                model.save_pretrained(folder)
-                processor.save_pretrained(folder)
-
-            save_folder_atomically(output_dir / "model_best", save)
+            save_trained_model(model, processor, output_dir / "model_best")
     else:
         state["evaluations_below_best"] += 1
 
@@ -969,14 +975,9 @@ def train(args: argparse.Namespace):
             track_best_evaluation(accelerator, unwrapped, processor, output_dir, state, state["global_step"], evaluations[-1][1])
     totals = global_counts(accelerator, skipped)
     if accelerator.is_main_process:
-        # the test transform the saved model is meant to run with (also in its processor)
-        unwrapped.config.min_size_test = processor.image_processor.min_size
-        unwrapped.config.max_size_test = processor.image_processor.max_size
-        unwrapped.save_pretrained(output_dir / "model")
-        processor.save_pretrained(output_dir / "model")
+        save_trained_model(unwrapped, processor, output_dir / "model")
         if ema is not None:
-            unwrapped.save_pretrained(output_dir / "model_ema", state_dict=ema.state_dict())
-            processor.save_pretrained(output_dir / "model_ema")
+            save_trained_model(unwrapped, processor, output_dir / "model_ema", state_dict=ema.state_dict())
         if totals[UNNAMED_IN_PROMPT]:
             logger.info(f"boxes left out of partial prompts on purpose (--partial_positive_prob): {totals[UNNAMED_IN_PROMPT]}")
         problems = {reason: count for reason, count in totals.items() if reason != UNNAMED_IN_PROMPT}
